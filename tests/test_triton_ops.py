@@ -309,3 +309,26 @@ def test_compiles_without_graph_breaks() -> None:
         results.append((loss.detach(), P.grad, S.grad, alpha.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_interpreter_numpy_incompatibility_is_reported_plainly() -> None:
+    """Triton <= 3.6's interpreter cannot run under numpy >= 2.4: the backend says so and how to fix
+    it, instead of failing inside the first kernel loop."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy, triton\n"
+        "triton.__version__, numpy.__version__ = '3.6.0', '2.4.1'\n"
+        "from egma_fast.ops import backend_error, select_backend\n"
+        "import torch\n"
+        "try:\n"
+        "    select_backend('triton', torch.device('cpu'))\n"
+        "except ValueError as e:\n"
+        "    print('ERROR', e)\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ERROR backend 'triton' is unavailable" in proc.stdout, proc.stdout
+    assert "numpy<2.4 or triton>=3.7" in proc.stdout

@@ -57,6 +57,25 @@ def _load_kernels():
         return module
 
 
+def _check_interpreter_numpy() -> None:
+    """Triton <= 3.6's interpreter converts 1-element arrays with int(), which numpy >= 2.4 rejects
+    ("only 0-dimensional arrays can be converted to Python scalars" inside every kernel loop);
+    fixed in Triton 3.7. Say so up front instead of failing in the first kernel."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return
+    import numpy
+
+    def version(text: str) -> tuple[int, int]:
+        major, minor = (text.split("+")[0].split(".") + ["0"])[:2]
+        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        raise ImportError(
+            f"the Triton interpreter (TRITON_INTERPRET=1) of triton {triton.__version__} cannot run with numpy "
+            f"{numpy.__version__}: install numpy<2.4 or triton>=3.7")
+
+
+_check_interpreter_numpy()
 _kernels = _load_kernels()
 _li = _kernels.late_interaction
 _cm = _kernels.cross_map
