@@ -219,7 +219,7 @@ def _egma_forward(
     # --- per-instance MLCE and EGM on the matched pairs ------------------------------------
     use_gaze = x.has_gaze
     n_gaze = all_reduce_sum(use_gaze.sum()) if size > 1 else use_gaze.sum()
-    batch_has_gaze = bool(n_gaze > 0)
+    batch_has_gaze = n_gaze > 0  # a 0-d tensor: the regime is chosen on the device, no host sync
     zero = torch.zeros((), dtype=cdtype, device=P.device)
     loss_mlce, loss_egm = zero, zero
     params = cross_map_params(config, n)

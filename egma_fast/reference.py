@@ -224,25 +224,30 @@ def cross_map_params(config: EGMAConfig, n: int) -> CrossMapParams:
     )
 
 
-def egm_sample_thetas(use_gaze: torch.Tensor, batch_has_gaze: bool, config: EGMAConfig) -> torch.Tensor:
-    """theta per sample for the threshold omega (SPEC 3.1 regimes), float32 [B]."""
-    if not batch_has_gaze:
-        theta = torch.full(use_gaze.shape, config.egm_theta_no_gaze_batch, dtype=torch.float32, device=use_gaze.device)
-        return theta
-    return torch.where(
+def egm_sample_thetas(use_gaze: torch.Tensor, batch_has_gaze: bool | torch.Tensor, config: EGMAConfig) -> torch.Tensor:
+    """theta per sample for the threshold omega (SPEC 3.1 regimes), float32 [B].
+
+    batch_has_gaze may be a 0-d bool tensor: the regime is then picked on the device, without a
+    host sync."""
+    dev = use_gaze.device
+    with_gaze = torch.where(
         use_gaze,
-        torch.tensor(config.egm_theta_gaze, dtype=torch.float32, device=use_gaze.device),
-        torch.tensor(config.egm_theta_mixed_no_gaze, dtype=torch.float32, device=use_gaze.device),
+        torch.tensor(config.egm_theta_gaze, dtype=torch.float32, device=dev),
+        torch.tensor(config.egm_theta_mixed_no_gaze, dtype=torch.float32, device=dev),
     )
+    no_gaze = torch.tensor(config.egm_theta_no_gaze_batch, dtype=torch.float32, device=dev)
+    return torch.where(torch.as_tensor(batch_has_gaze, device=dev), with_gaze, no_gaze)
 
 
-def egm_sample_weights(use_gaze: torch.Tensor, batch_has_gaze: bool, config: EGMAConfig) -> torch.Tensor:
-    """(w_I, w_T) per sample [B, 2]: egm_weights, except samples without gaze in a batch with gaze."""
-    full = torch.tensor(config.egm_weights, dtype=torch.float32, device=use_gaze.device)
-    mixed = torch.tensor(config.egm_weights_mixed_no_gaze, dtype=torch.float32, device=use_gaze.device)
-    if not batch_has_gaze:
-        return full.expand(use_gaze.shape[0], 2).clone()
-    return torch.where(use_gaze[:, None], full, mixed)
+def egm_sample_weights(use_gaze: torch.Tensor, batch_has_gaze: bool | torch.Tensor, config: EGMAConfig) -> torch.Tensor:
+    """(w_I, w_T) per sample [B, 2]: egm_weights, except samples without gaze in a batch with gaze.
+    batch_has_gaze: a bool or a 0-d bool tensor (no host sync)."""
+    dev = use_gaze.device
+    full = torch.tensor(config.egm_weights, dtype=torch.float32, device=dev)
+    mixed = torch.tensor(config.egm_weights_mixed_no_gaze, dtype=torch.float32, device=dev)
+    # Only samples without gaze in a batch that has some take the mixed weights.
+    takes_full = use_gaze | ~torch.as_tensor(batch_has_gaze, device=dev)
+    return torch.where(takes_full[:, None], full, mixed)
 
 
 def _topk_binary(x: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -410,7 +415,7 @@ class EGMATerms(NamedTuple):
 def combine_terms(
     terms: CrossMapTerms,
     use_gaze: torch.Tensor,
-    batch_has_gaze: bool,
+    batch_has_gaze: bool | torch.Tensor,
     config: EGMAConfig,
     n_gaze: torch.Tensor | int | None = None,
     batch_size: int | None = None,

@@ -174,3 +174,67 @@ def test_finite_check_no_false_alarm_on_overflowing_sum():
     check_finite("x", torch.full((4, 4), 3e38))
     with pytest.raises(ValueError, match="x contains 1 non-finite"):
         check_finite("x", torch.tensor([1.0, float("-inf"), 2.0]))
+
+
+class _HostSyncCounter:
+    """Counts tensor -> Python conversions (each one a device -> host sync on a GPU)."""
+
+    NAMES = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__")
+
+    def __enter__(self) -> list[str]:
+        self.calls: list[str] = []
+        self.saved = {name: getattr(torch.Tensor, name) for name in self.NAMES}
+        for name, fn in self.saved.items():
+            setattr(torch.Tensor, name, self._wrap(name, fn))
+        return self.calls
+
+    def _wrap(self, name, fn):
+        def counted(tensor, *args, **kwargs):
+            self.calls.append(name)
+            return fn(tensor, *args, **kwargs)
+        return counted
+
+    def __exit__(self, *exc) -> None:
+        for name, fn in self.saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+@pytest.mark.parametrize("preset", ["paper", "official"])
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpp", "triton") if b in available_backends()])
+def test_loss_compute_has_no_host_sync(preset, backend):
+    """With value checks off, forward and backward convert no tensor to a Python value: nothing in
+    the loss itself stalls the GPU (the no-gaze regime of SPEC 3.1 is chosen on the device)."""
+    if backend == "triton":
+        try:
+            select_backend("triton", torch.device("cpu"))
+        except ValueError:
+            pytest.skip("the Triton backend needs a GPU or TRITON_INTERPRET=1")
+    torch.manual_seed(0)
+    P = torch.randn(4, 7, 8, requires_grad=True)
+    S = torch.randn(4, 3, 8, requires_grad=True)
+    t = torch.zeros(1, requires_grad=True)
+    config = EGMAConfig.preset(preset, check_finite=False)
+    with _HostSyncCounter() as calls:
+        out = egma_loss(P, S, t, config=config, backend=backend)
+        out.total.backward()
+    assert calls == []
+    assert P.grad is not None and torch.isfinite(P.grad).all()
+
+
+@pytest.mark.parametrize("preset", ["paper", "official"])
+@pytest.mark.parametrize("batch_has_gaze", [False, True])
+def test_sample_regimes_same_for_bool_and_tensor_flag(preset, batch_has_gaze):
+    config = EGMAConfig.preset(preset)
+    use_gaze = torch.tensor([True, False, True, False]) & batch_has_gaze
+    flag = torch.tensor(batch_has_gaze)
+    assert torch.equal(reference.egm_sample_thetas(use_gaze, batch_has_gaze, config),
+                       reference.egm_sample_thetas(use_gaze, flag, config))
+    assert torch.equal(reference.egm_sample_weights(use_gaze, batch_has_gaze, config),
+                       reference.egm_sample_weights(use_gaze, flag, config))
+    if batch_has_gaze:  # mixed batch: samples without gaze take the mixed regime
+        theta = reference.egm_sample_thetas(use_gaze, flag, config)
+        assert theta[0] == config.egm_theta_gaze and theta[1] == config.egm_theta_mixed_no_gaze
+        weights = reference.egm_sample_weights(use_gaze, flag, config)
+        assert weights[1].tolist() == pytest.approx(list(config.egm_weights_mixed_no_gaze))
+    else:
+        assert (reference.egm_sample_thetas(use_gaze, flag, config) == config.egm_theta_no_gaze_batch).all()

@@ -73,9 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         import subprocess
 
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        # Kernel sources differing from that commit make the report describe uncommitted code.
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "kernels"], capture_output=True, text=True).stdout.strip())
         report = dict(what="ptxas -v resource usage of every Triton launch variant (compile only, no GPU run)",
                       arch=f"sm_{args.arch}", triton=triton.__version__, torch=torch.__version__,
-                      python=platform.python_version(), commit=commit or None,
+                      python=platform.python_version(), commit=commit or None, kernels_modified_since_commit=dirty,
                       command="python benchmarks/gpu/ptxas_report.py " + " ".join(argv or sys.argv[1:]),
                       kernels_without_spill_free_variant=[list(k) for k in all_spill], variants=rows)
         args.out.parent.mkdir(parents=True, exist_ok=True)
