@@ -148,7 +148,8 @@ def _ptxas(arch: int) -> str:
 
 def ptxas_usage(compiled, arch: int = 90) -> dict:
     """ptxas -v's resource report for a compiled kernel's PTX: registers per thread, spill store /
-    load bytes, stack frame bytes, plus the shared memory Triton reserves (bytes)."""
+    load bytes, stack frame bytes, plus the shared memory Triton reserves (bytes) and the count of
+    each tensor-core instruction kind in the PTX."""
     ptx = compiled.asm["ptx"]
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,6 +165,9 @@ def ptxas_usage(compiled, arch: int = 90) -> dict:
         return int(m.group(1)) if m else 0
 
     return dict(
+        # Tensor-core instructions in the PTX: wgmma (Hopper) or the older mma.sync.
+        wgmma=ptx.count("wgmma.mma_async"),
+        mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
         registers=grab(r"Used (\d+) registers"),
         spill_store_bytes=grab(r"(\d+) bytes spill stores"),
         spill_load_bytes=grab(r"(\d+) bytes spill loads"),

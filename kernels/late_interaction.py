@@ -68,6 +68,11 @@ def li_blocks(n: int, M: int, d: int, dtype: torch.dtype) -> LIBlocks:
     # Tensor-core dots need every tile dimension >= 16: BLOCK_T * M_PAD = 64 slots (or M_PAD > 64).
     block_t = max(1, 64 // m_pad)
     block_n = pick_block(n, (64, 32, 16))
+    if dtype in (torch.bfloat16, torch.float16) and n > 32:
+        # Hopper's wgmma needs 64-row tiles here (8 warps as 4 x 2); at 32 rows Triton emits the
+        # older mma.sync (the PTX says so: benchmarks/gpu/ptxas_report.py). n = 196 then pads to
+        # 256 rows instead of 224, cheaper than the slower instruction.
+        block_n = 64
     block_d = 64 if dtype in (torch.bfloat16, torch.float16) else 32
     return LIBlocks(BLOCK_N=block_n, BLOCK_T=block_t, M_PAD=m_pad, BLOCK_D=block_d, num_warps=_NUM_WARPS)
 

@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         flag = "  SPILLS" if r["spill_store_bytes"] or r["spill_load_bytes"] else ""
         print(f"{r['dtype']:8s} n={r['n']:3d} d={r['d']} {r['kernel']:24s} {str(r['config']):24s} "
               f"w={r['num_warps']:2d} s={r['num_stages']} regs={r['registers']:3d} "
-              f"spill={r['spill_store_bytes']}/{r['spill_load_bytes']} smem={r['shared_bytes']}{flag}")
+              f"spill={r['spill_store_bytes']}/{r['spill_load_bytes']} smem={r['shared_bytes']} "
+              f"wgmma={r['wgmma']} mma.sync={r['mma_sync']}{flag}")
     # A kernel (per shape) whose every variant spills is the thing to fix.
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
