@@ -71,6 +71,10 @@ def test_kernels_compile_for_sm90() -> None:
     for r in rows:
         if r["kernel"] == "_li_fwd_kernel" and r["dtype"] != "float32":
             assert r["spill_store_bytes"] == 0, r
+    # 16-bit late interaction runs on Hopper's wgmma, not the older mma.sync (li_blocks' 64-row tiles).
+    for r in rows:
+        if r["kernel"].startswith("_li_") and r["dtype"] != "float32":
+            assert r["wgmma"] > 0 and r["mma_sync"] == 0, r
 
 
 def test_aot_variants_cover_every_autotuner_config() -> None:
