@@ -48,8 +48,8 @@ class Variant:
     op: str  # "late_interaction" or "cross_map"
     kernel: object  # the @triton.jit function (autotuner unwrapped)
     constexprs: dict = field(hash=False)
-    num_warps: int = 4
-    num_stages: int = 2
+    num_warps: int
+    num_stages: int
     #: Integer arguments as a real launch would pass them (shape and strides of contiguous
     #: features): the JIT marks the multiples of 16 divisible, which enables vectorised loads.
     ints: dict = field(default_factory=dict, hash=False)
@@ -63,26 +63,15 @@ class Variant:
         return f"{self.name} {tuned} warps={self.num_warps} stages={self.num_stages}"
 
 
-def _unwrap(kernel):
-    """(jit function, autotuner configs or [None]) of a launcher's kernel object."""
-    configs = getattr(kernel, "configs", None)
+def _expand(op: str, kernel, base: dict, all_configs: bool, ints: dict) -> list[Variant]:
+    """One Variant per autotuner config of a launcher's kernel (every launcher autotunes on a GPU)."""
+    if not hasattr(kernel, "configs"):
+        raise RuntimeError("kernels.aot needs the GPU launchers' autotuners: run without TRITON_INTERPRET=1")
     fn = kernel
     while not isinstance(fn, triton.runtime.JITFunction):  # autotuner (or heuristics) wrappers
         fn = fn.fn
-    return fn, (configs or [None])
-
-
-def _expand(op: str, kernel, base: dict, default_warps: int, all_configs: bool, ints: dict) -> list[Variant]:
-    fn, configs = _unwrap(kernel)
-    if not all_configs:
-        configs = configs[:1]
-    out = []
-    for cfg in configs:
-        if cfg is None:
-            out.append(Variant(op, fn, dict(base), default_warps, 2, ints))
-        else:
-            out.append(Variant(op, fn, {**base, **cfg.kwargs}, cfg.num_warps, cfg.num_stages, ints))
-    return out
+    configs = kernel.configs if all_configs else kernel.configs[:1]
+    return [Variant(op, fn, {**base, **cfg.kwargs}, cfg.num_warps, cfg.num_stages, ints) for cfg in configs]
 
 
 def variants(n: int, M: int, d: int, dtype: torch.dtype, *, ops: tuple[str, ...] = ("late_interaction", "cross_map"),
@@ -97,21 +86,21 @@ def variants(n: int, M: int, d: int, dtype: torch.dtype, *, ops: tuple[str, ...]
         b = li.li_blocks(n, M, d, dtype)
         tiles = dict(PAD_AS_ZERO=True, BLOCK_N=b.BLOCK_N, BLOCK_T=b.BLOCK_T, M_PAD=b.M_PAD, BLOCK_D=b.BLOCK_D,
                      DOT_PREC=dot_precision(dtype))
-        out += _expand("late_interaction", li._fwd, tiles, b.num_warps, all_configs, ints)
+        out += _expand("late_interaction", li._fwd, tiles, all_configs, ints)
         grads = dict(tiles, GRAD_MODE=grad_mode(dtype))
-        out += _expand("late_interaction", li._bwd_dp, grads, b.num_warps, all_configs, ints)
-        out += _expand("late_interaction", li._bwd_ds, grads, b.num_warps, all_configs, ints)
+        out += _expand("late_interaction", li._bwd_dp, grads, all_configs, ints)
+        out += _expand("late_interaction", li._bwd_ds, grads, all_configs, ints)
     if "cross_map" in ops:
         c = cm.cm_blocks(n, M, d, dtype)
         out += _expand("cross_map", cm._scores, dict(R1=c.R1, M_PAD=c.M_PAD, BLOCK_D=c.BLOCK_D,
-                                                       DOT_PREC=dot_precision(dtype)), 4, all_configs, ints)
+                                                       DOT_PREC=dot_precision(dtype)), all_configs, ints)
         for threshold in (False, True):
             opts = dict(N_PAD=c.N_PAD, M_PAD=c.M_PAD, THRESHOLD=threshold, WITH_EGM=True, MSE=True,
                         GRAD_MODE=grad_mode(dtype))
             rows = dict(opts, R=c.R, BLOCK_D=c.BLOCK_D, WITH_MLCE=True)
-            out += _expand("cross_map", cm._fwd, rows, 8, all_configs, ints)
-            out += _expand("cross_map", cm._bwd_scores, rows, 8, all_configs, ints)
-            out += _expand("cross_map", cm._bwd_feat, opts, 4, all_configs, ints)
+            out += _expand("cross_map", cm._fwd, rows, all_configs, ints)
+            out += _expand("cross_map", cm._bwd_scores, rows, all_configs, ints)
+            out += _expand("cross_map", cm._bwd_feat, opts, all_configs, ints)
     return out
 
 
