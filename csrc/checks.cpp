@@ -24,7 +24,8 @@ void check_bool(const char* op, const char* name, const at::Tensor& t, at::IntAr
 
 std::array<int64_t, 5> check_late_interaction_inputs(const at::Tensor& P, const at::Tensor& S,
                                                      const at::Tensor& sent_mask,
-                                                     const std::optional<at::Tensor>& patch_mask) {
+                                                     const std::optional<at::Tensor>& patch_mask,
+                                                     const at::Tensor& zero_slot) {
   const char* op = "late_interaction";
   check_features(op, "P", P, "[Bi, n, d]");
   check_features(op, "S", S, "[Bt, M, d]");
@@ -36,6 +37,7 @@ std::array<int64_t, 5> check_late_interaction_inputs(const at::Tensor& P, const 
   const int64_t Bi = P.size(0), n = P.size(1), d = P.size(2), Bt = S.size(0), M = S.size(1);
   check_bool(op, "sent_mask", sent_mask, {Bt, M}, P);
   if (patch_mask.has_value() && patch_mask->defined()) check_bool(op, "patch_mask", *patch_mask, {Bi, n}, P);
+  check_bool(op, "zero_slot", zero_slot, {Bt}, P);
   return {Bi, Bt, n, M, d};
 }
 

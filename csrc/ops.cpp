@@ -46,13 +46,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_map_bwd_cpu(
 
 TORCH_LIBRARY(egma_fast_C, m) {
   m.set_python_module("egma_fast.ops.cpp_backend");
+  // zero_slot [Bt] bool: texts whose image-side max is floored at 0 (pad_as_zero, SPEC 2.1).
   // Returns (zI, zT, win_patch [Bi, Bt, M], win_sentence [Bi, Bt, n] or [0] when not saved).
   m.def(
-      "late_interaction_fwd(Tensor P, Tensor S, Tensor sent_mask, Tensor? patch_mask, bool pad_as_zero, "
+      "late_interaction_fwd(Tensor P, Tensor S, Tensor sent_mask, Tensor? patch_mask, Tensor zero_slot, "
       "bool save_sentence_argmax) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "late_interaction_bwd(Tensor grad_zI, Tensor grad_zT, Tensor P, Tensor S, Tensor sent_mask, "
-      "Tensor? patch_mask, bool pad_as_zero, Tensor win_patch, Tensor win_sentence) -> (Tensor, Tensor)");
+      "Tensor? patch_mask, Tensor zero_slot, Tensor win_patch, Tensor win_sentence) -> (Tensor, Tensor)");
   // Returns (mlce_s2p, mlce_p2s, egm_image, egm_text), each [B].
   m.def(
       "cross_map_fwd(Tensor P, Tensor S, Tensor sent_mask, Tensor GS, Tensor use_gaze, Tensor theta, "

@@ -27,9 +27,11 @@ inline c10::ScalarType accumulate_dtype(c10::ScalarType t) {
 }
 
 // Shape, dtype and device checks of late_interaction's inputs; returns {Bi, Bt, n, M, d}.
+// zero_slot [Bt] bool: the texts whose image-side max is floored at 0 (egma_fast.ops.arguments).
 std::array<int64_t, 5> check_late_interaction_inputs(const at::Tensor& P, const at::Tensor& S,
                                                      const at::Tensor& sent_mask,
-                                                     const std::optional<at::Tensor>& patch_mask);
+                                                     const std::optional<at::Tensor>& patch_mask,
+                                                     const at::Tensor& zero_slot);
 // The same for cross_map; returns {B, n, M, d}.
 std::array<int64_t, 4> check_cross_map_inputs(const at::Tensor& P, const at::Tensor& S, const at::Tensor& sent_mask,
                                               const at::Tensor& GS, const at::Tensor& use_gaze,
@@ -41,11 +43,11 @@ namespace cpu {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> late_interaction_fwd(
     const at::Tensor& P, const at::Tensor& S, const at::Tensor& sent_mask,
-    const std::optional<at::Tensor>& patch_mask, bool pad_as_zero, bool save_sentence_argmax);
+    const std::optional<at::Tensor>& patch_mask, const at::Tensor& zero_slot, bool save_sentence_argmax);
 
 std::tuple<at::Tensor, at::Tensor> late_interaction_bwd(
     const at::Tensor& grad_zI, const at::Tensor& grad_zT, const at::Tensor& P, const at::Tensor& S,
-    const at::Tensor& sent_mask, const std::optional<at::Tensor>& patch_mask, bool pad_as_zero,
+    const at::Tensor& sent_mask, const std::optional<at::Tensor>& patch_mask, const at::Tensor& zero_slot,
     const at::Tensor& win_patch, const at::Tensor& win_sentence);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_map_fwd(

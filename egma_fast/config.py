@@ -29,8 +29,9 @@ class EGMAConfig:
     preset_name: str = "paper"
 
     # --- SPEC 2.1 / 2.2: late interaction and the fine-grained contrastive term -------------
-    #: Padded sentence slots score exactly 0 in the image-side max (the authors pack sentences
-    #: into zero vectors). False: padding is -inf, i.e. never counts.
+    #: The authors' zero-vector packing: a text with fewer sentences than the batch's longest
+    #: (m_l < m_max, over the global batch) has one slot scoring exactly 0 in the image-side max;
+    #: the tensors' width M never matters. False: padding never counts.
     pad_as_zero: bool = False
     #: Text-side CE normalises over images (FILIP, the paper). False: softmax over texts for each
     #: image, as the authors' code does.

@@ -84,8 +84,11 @@ def late_interaction(
         P: [Bi, n, d] patch features.  S: [Bt, M, d] sentence features.
         sent_mask: [Bt, M] bool, True for real sentences (any pattern, not only a prefix).
         patch_mask: optional [Bi, n] bool, True for real patches.
-        pad_as_zero: a masked sentence slot scores exactly 0 in the image-side max (the authors'
-            zero-vector packing); otherwise masked slots never count.
+        pad_as_zero: the authors' zero-vector packing (SPEC 2.1): a text with fewer real sentences
+            than the longest text of S (m_l < max m) has a slot scoring exactly 0 after its real
+            ones, so its image-side max is floored at 0; a text with m_l = max m has none. The
+            width M of the tensors never matters. Ties go to the real sentence (it comes first).
+            Without it, masked slots never count.
 
     Returns:
         zI [Bi, Bt]: zI[k, l] = mean over valid patches i of max over slots j of <P_k,i, S_l,j>
@@ -105,7 +108,12 @@ def late_interaction(
     zero = torch.zeros((), dtype=dtype, device=P.device)
 
     # Image side: each patch's best sentence, averaged over valid patches.
-    Xi = torch.where(smask, X, zero if pad_as_zero else neg_inf)
+    Xi = torch.where(smask, X, neg_inf)
+    if pad_as_zero:
+        # The authors' packing: one zero slot after the real sentences of every shorter text.
+        m = sent_mask.sum(dim=1)
+        zero_slot = torch.where(m < m.max(), zero, neg_inf)  # [Bt]
+        Xi = torch.cat([Xi, zero_slot[None, :, None, None].expand(Bi, Bt, n, 1)], dim=3)
     row_max = Xi.max(dim=3).values  # [Bi, Bt, n]
     text_has_sentence = sent_mask.any(dim=1)[None, :, None]
     row_max = torch.where(text_has_sentence & patch_mask[:, None, :], row_max, zero)

@@ -30,7 +30,7 @@ __all__ = ["Variant", "compile_variant", "ptxas_usage", "variants"]
 # feature dtype).
 _ARG_TYPES = {
     "P": "*{f}", "S": "*{f}", "GS": "*{f}", "DP": "*{f}", "DS": "*{f}",
-    "SMASK": "*u8", "PMASK": "*u8", "USE_GAZE": "*u8", "WIN": "*u8",
+    "SMASK": "*u8", "PMASK": "*u8", "ZSLOT": "*u8", "USE_GAZE": "*u8", "WIN": "*u8",
     "NVALID": "*i32", "MVALID": "*i32",
     "ZI": "*fp32", "ZT": "*fp32", "DZI": "*fp32", "DZT": "*fp32", "OUT": "*fp32", "THETA": "*fp32", "ALPHA": "*fp32",
     "A0": "*fp32", "TERMS": "*fp32", "LSE_COL": "*fp32", "GTERMS": "*fp32", "DA_FULL": "*fp32", "DA_ROWS": "*fp32",
@@ -84,7 +84,7 @@ def variants(n: int, M: int, d: int, dtype: torch.dtype, *, ops: tuple[str, ...]
     ints = dict(n=n, M=M, d=d, sPb=n * d, sPn=d, sSb=M * d, sSm=d)
     if "late_interaction" in ops:
         b = li.li_blocks(n, M, d, dtype)
-        tiles = dict(PAD_AS_ZERO=True, BLOCK_N=b.BLOCK_N, BLOCK_T=b.BLOCK_T, M_PAD=b.M_PAD, BLOCK_D=b.BLOCK_D,
+        tiles = dict(BLOCK_N=b.BLOCK_N, BLOCK_T=b.BLOCK_T, M_PAD=b.M_PAD, BLOCK_D=b.BLOCK_D,
                      DOT_PREC=dot_precision(dtype))
         out += _expand("late_interaction", li._fwd, tiles, all_configs, ints)
         grads = dict(tiles, GRAD_MODE=grad_mode(dtype))

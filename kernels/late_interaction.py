@@ -98,24 +98,15 @@ def _scores_tile(P, S, k, i, l, j, slot_ok, n, d, sPb, sPn, sSb, sSm,
 
 
 @triton.jit
-def _slot_fill(slot_ok, PAD_AS_ZERO: tl.constexpr):
-    """What a masked slot scores in the image-side max: 0 for existing slots under pad_as_zero (the
-    authors' zero-vector packing), else -inf; power-of-two padding slots are always -inf."""
-    if PAD_AS_ZERO:
-        fill = tl.where(slot_ok, 0.0, float("-inf"))
-    else:
-        fill = tl.where(slot_ok, float("-inf"), float("-inf"))
-    return fill
-
-
-@triton.jit
-def _grad_tile(X, i, p_ok, sv, fill, win, c_img, c_txt, img_has_patch,
+def _grad_tile(X, i, p_ok, sv, zslot, win, c_img, c_txt, img_has_patch,
                BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, M_PAD: tl.constexpr):
     """Sparse gradient of (zI, zT) with respect to one similarity tile X [BLOCK_N, BLOCK_L]:
-    c_img[col] at each valid patch's first winning slot (zero if that slot is masked), plus
-    c_txt[col] at each valid slot's saved winning patch ``win``."""
-    xi = tl.where(sv[None, :], X, fill[None, :])
-    best = tl.argmax(tl.reshape(xi, (BLOCK_N, BLOCK_T, M_PAD)), axis=2, tie_break_left=True)
+    c_img[col] at each valid patch's first winning slot (none where the text's zero slot wins:
+    zslot [BLOCK_T] and every real slot below 0), plus c_txt[col] at each valid slot's saved
+    winning patch ``win``."""
+    xi = tl.reshape(tl.where(sv[None, :], X, float("-inf")), (BLOCK_N, BLOCK_T, M_PAD))
+    best = tl.argmax(xi, axis=2, tie_break_left=True)
+    best = tl.where(zslot[None, :] & (tl.max(xi, axis=2) < 0), M_PAD, best)
     # Each column (l, j) sees its text's winning slot: broadcast over the slots, back to 2-D.
     best = tl.reshape(tl.broadcast_to(best[:, :, None], (BLOCK_N, BLOCK_T, M_PAD)), (BLOCK_N, BLOCK_T * M_PAD))
     hit = best == (tl.arange(0, BLOCK_T * M_PAD) % M_PAD)[None, :]
@@ -128,9 +119,9 @@ def _grad_tile(X, i, p_ok, sv, fill, win, c_img, c_txt, img_has_patch,
 # Kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["Bi", "Bt"])
-def _li_fwd_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZI, ZT, WIN,
+def _li_fwd_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZSLOT, ZI, ZT, WIN,
                    Bi, Bt, n, M, d, sPb, sPn, sSb, sSm,
-                   PAD_AS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
                    M_PAD: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, GROUP_K: tl.constexpr):
     """One program: image k against texts [l0, l0 + BLOCK_T). Writes zI, zT [Bi, Bt] and WIN [Bi, Bt, M].
 
@@ -150,9 +141,9 @@ def _li_fwd_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZI, ZT, WIN,
     j = col % M_PAD
     slot_ok = (l < Bt) & (j < M)
     sv = tl.load(SMASK + l.to(tl.int64) * M + j, mask=slot_ok, other=0) != 0
-    fill = _slot_fill(slot_ok, PAD_AS_ZERO)
     lt = l0 + tl.arange(0, BLOCK_T)
     m_t = tl.load(MVALID + lt, mask=lt < Bt, other=0)
+    zs_t = tl.load(ZSLOT + lt, mask=lt < Bt, other=0) != 0
     nv = tl.load(NVALID + k)
 
     zi = tl.zeros((BLOCK_T,), dtype=tl.float32)
@@ -163,8 +154,9 @@ def _li_fwd_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZI, ZT, WIN,
         p_ok = tl.load(PMASK + k * n + i, mask=i < n, other=0) != 0
         X = _scores_tile(P, S, k, i, l, j, slot_ok, n, d, sPb, sPn, sSb, sSm, BLOCK_N, BLOCK_L, BLOCK_D, DOT_PREC)
         # Image side: each patch's best slot within each text; masked patches / empty texts add 0.
-        xi = tl.where(sv[None, :], X, fill[None, :])
+        xi = tl.where(sv[None, :], X, float("-inf"))
         row_max = tl.max(tl.reshape(xi, (BLOCK_N, BLOCK_T, M_PAD)), axis=2)
+        row_max = tl.where(zs_t[None, :], tl.maximum(row_max, 0.0), row_max)  # the zero slot
         zi += tl.sum(tl.where(p_ok[:, None] & (m_t > 0)[None, :], row_max, 0.0), axis=0)
         # Text side: running max / first argmax over valid patches (strict > keeps the earlier chunk).
         xt = tl.where(p_ok[:, None], X, float("-inf"))
@@ -183,9 +175,9 @@ def _li_fwd_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZI, ZT, WIN,
 
 
 @triton.jit(do_not_specialize=["Bt"])
-def _li_bwd_dp_kernel(P, S, SMASK, PMASK, NVALID, MVALID, WIN, DZI, DZT, DP,
+def _li_bwd_dp_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZSLOT, WIN, DZI, DZT, DP,
                       Bt, n, M, d, sPb, sPn, sSb, sSm,
-                      PAD_AS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
                       M_PAD: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
                       GRAD_MODE: tl.constexpr, BLOCK_DO: tl.constexpr):
     """One program: dP[k, patch block, d-out block] = sum over all texts of G_tile @ S_tile."""
@@ -204,13 +196,14 @@ def _li_bwd_dp_kernel(P, S, SMASK, PMASK, NVALID, MVALID, WIN, DZI, DZT, DP,
         j = col % M_PAD
         slot_ok = (l < Bt) & (j < M)
         sv = tl.load(SMASK + l.to(tl.int64) * M + j, mask=slot_ok, other=0) != 0
-        fill = _slot_fill(slot_ok, PAD_AS_ZERO)
+        lt = l0 + tl.arange(0, BLOCK_T)
+        zs_t = tl.load(ZSLOT + lt, mask=lt < Bt, other=0) != 0
         m_l = tl.load(MVALID + l, mask=l < Bt, other=1)
         c_img = tl.load(DZI + k * Bt + l, mask=l < Bt, other=0.0) * inv_nv
         c_txt = tl.load(DZT + k * Bt + l, mask=l < Bt, other=0.0) / tl.maximum(m_l, 1).to(tl.float32)
         win = tl.load(WIN + (k * Bt + l) * M + j, mask=slot_ok, other=0)
         X = _scores_tile(P, S, k, i, l, j, slot_ok, n, d, sPb, sPn, sSb, sSm, BLOCK_N, BLOCK_L, BLOCK_D, DOT_PREC)
-        G = _grad_tile(X, i, p_ok, sv, fill, win, c_img, c_txt, nv > 0, BLOCK_N, BLOCK_T, M_PAD)
+        G = _grad_tile(X, i, p_ok, sv, zs_t, win, c_img, c_txt, nv > 0, BLOCK_N, BLOCK_T, M_PAD)
         s_out = tl.load(S + l.to(tl.int64)[:, None] * sSb + j[:, None] * sSm + do[None, :],
                         mask=slot_ok[:, None] & do_ok[None, :], other=0.0)
         acc = mixed_dot(G, s_out, acc, GRAD_MODE)
@@ -219,9 +212,9 @@ def _li_bwd_dp_kernel(P, S, SMASK, PMASK, NVALID, MVALID, WIN, DZI, DZT, DP,
 
 
 @triton.jit(do_not_specialize=["Bi", "Bt", "k_per_split"])
-def _li_bwd_ds_kernel(P, S, SMASK, PMASK, NVALID, MVALID, WIN, DZI, DZT, OUT,
+def _li_bwd_ds_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZSLOT, WIN, DZI, DZT, OUT,
                       Bi, Bt, n, M, d, sPb, sPn, sSb, sSm, k_per_split,
-                      PAD_AS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
                       M_PAD: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
                       GRAD_MODE: tl.constexpr, BLOCK_DO: tl.constexpr):
     """One program: OUT[split, text block, d-out block] = sum over the split's images and all their
@@ -237,7 +230,8 @@ def _li_bwd_ds_kernel(P, S, SMASK, PMASK, NVALID, MVALID, WIN, DZI, DZT, OUT,
     j = col % M_PAD
     slot_ok = (l < Bt) & (j < M)
     sv = tl.load(SMASK + l.to(tl.int64) * M + j, mask=slot_ok, other=0) != 0
-    fill = _slot_fill(slot_ok, PAD_AS_ZERO)
+    lt = l0 + tl.arange(0, BLOCK_T)
+    zs_t = tl.load(ZSLOT + lt, mask=lt < Bt, other=0) != 0
     m_l = tl.load(MVALID + l, mask=l < Bt, other=1)
     inv_m = 1.0 / tl.maximum(m_l, 1).to(tl.float32)
     acc = tl.zeros((BLOCK_L, BLOCK_DO), dtype=tl.float32)
@@ -253,7 +247,7 @@ def _li_bwd_ds_kernel(P, S, SMASK, PMASK, NVALID, MVALID, WIN, DZI, DZT, OUT,
             i = i0 + tl.arange(0, BLOCK_N)
             p_ok = tl.load(PMASK + k * n + i, mask=i < n, other=0) != 0
             X = _scores_tile(P, S, k, i, l, j, slot_ok, n, d, sPb, sPn, sSb, sSm, BLOCK_N, BLOCK_L, BLOCK_D, DOT_PREC)
-            G = _grad_tile(X, i, p_ok, sv, fill, win, c_img, c_txt, nv > 0, BLOCK_N, BLOCK_T, M_PAD)
+            G = _grad_tile(X, i, p_ok, sv, zs_t, win, c_img, c_txt, nv > 0, BLOCK_N, BLOCK_T, M_PAD)
             p_out = tl.load(P + k * sPb + i.to(tl.int64)[:, None] * sPn + do[None, :],
                             mask=(i < n)[:, None] & do_ok[None, :], other=0.0)
             acc = mixed_dot(tl.trans(G), p_out, acc, GRAD_MODE)
@@ -300,15 +294,15 @@ def _ds_splits(Bi: int, Bt: int, blocks: LIBlocks, device: torch.device) -> int:
 
 
 def _common(P: torch.Tensor, S: torch.Tensor, blocks: LIBlocks) -> dict:
-    return dict(PAD_AS_ZERO=False, BLOCK_N=blocks.BLOCK_N, BLOCK_T=blocks.BLOCK_T, M_PAD=blocks.M_PAD,
+    return dict(BLOCK_N=blocks.BLOCK_N, BLOCK_T=blocks.BLOCK_T, M_PAD=blocks.M_PAD,
                 BLOCK_D=blocks.BLOCK_D, DOT_PREC=dot_precision(P.dtype))
 
 
 def late_interaction_forward(
-    P: torch.Tensor, S: torch.Tensor, smask: torch.Tensor, pmask: torch.Tensor, pad_as_zero: bool
+    P: torch.Tensor, S: torch.Tensor, smask: torch.Tensor, pmask: torch.Tensor, zslot: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward. P [Bi, n, d], S [Bt, M, d] contiguous (same float dtype); smask [Bt, M],
-    pmask [Bi, n] uint8. Returns zI, zT [Bi, Bt] fp32 and WIN [Bi, Bt, M] (winner_dtype(n))."""
+    pmask [Bi, n] and zslot [Bt] (texts with a zero slot) uint8. Returns zI, zT [Bi, Bt] fp32 and WIN [Bi, Bt, M] (winner_dtype(n))."""
     Bi, n, d = P.shape
     Bt, M, _ = S.shape
     blocks = li_blocks(n, M, d, P.dtype)
@@ -320,18 +314,17 @@ def late_interaction_forward(
     nvalid = pmask.sum(1, dtype=torch.int32)
     mvalid = smask.sum(1, dtype=torch.int32)
     meta = _common(P, S, blocks)
-    meta["PAD_AS_ZERO"] = bool(pad_as_zero)
     if interpreting():
         meta.update(num_warps=blocks.num_warps, GROUP_K=_INTERPRET_GROUP_K)
     grid = (Bi * triton.cdiv(Bt, blocks.BLOCK_T),)
-    _fwd[grid](P, S, smask, pmask, nvalid, mvalid, zI, zT, win,
+    _fwd[grid](P, S, smask, pmask, nvalid, mvalid, zslot, zI, zT, win,
                Bi, Bt, n, M, d, P.stride(0), P.stride(1), S.stride(0), S.stride(1), **meta)
     return zI, zT, win
 
 
 def late_interaction_backward(
     dzI: torch.Tensor, dzT: torch.Tensor, P: torch.Tensor, S: torch.Tensor, smask: torch.Tensor,
-    pmask: torch.Tensor, win: torch.Tensor, pad_as_zero: bool
+    pmask: torch.Tensor, zslot: torch.Tensor, win: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the two backward kernels. dzI, dzT [Bi, Bt] fp32 contiguous. Returns dP, dS in the
     features' dtype."""
@@ -345,19 +338,18 @@ def late_interaction_backward(
     nvalid = pmask.sum(1, dtype=torch.int32)
     mvalid = smask.sum(1, dtype=torch.int32)
     meta = _common(P, S, blocks)
-    meta["PAD_AS_ZERO"] = bool(pad_as_zero)
     meta["GRAD_MODE"] = grad_mode(P.dtype)
     if interpreting():
         meta.update(num_warps=blocks.num_warps, BLOCK_DO=_INTERPRET_BLOCK_DO)
     strides = (P.stride(0), P.stride(1), S.stride(0), S.stride(1))
 
     grid_dp = lambda meta_: (Bi, triton.cdiv(n, blocks.BLOCK_N), triton.cdiv(d, meta_["BLOCK_DO"]))  # noqa: E731
-    _bwd_dp[grid_dp](P, S, smask, pmask, nvalid, mvalid, win, dzI, dzT, dP, Bt, n, M, d, *strides, **meta)
+    _bwd_dp[grid_dp](P, S, smask, pmask, nvalid, mvalid, zslot, win, dzI, dzT, dP, Bt, n, M, d, *strides, **meta)
 
     splits = _ds_splits(Bi, Bt, blocks, P.device)
     out = dS if splits == 1 else torch.empty(splits, Bt, M, d, device=S.device, dtype=torch.float32)
     grid_ds = lambda meta_: (triton.cdiv(Bt, blocks.BLOCK_T), triton.cdiv(d, meta_["BLOCK_DO"]), splits)  # noqa: E731
-    _bwd_ds[grid_ds](P, S, smask, pmask, nvalid, mvalid, win, dzI, dzT, out,
+    _bwd_ds[grid_ds](P, S, smask, pmask, nvalid, mvalid, zslot, win, dzI, dzT, out,
                      Bi, Bt, n, M, d, *strides, triton.cdiv(Bi, splits), **meta)
     if splits > 1:
         dS = out.sum(0).to(S.dtype)

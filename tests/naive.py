@@ -44,7 +44,7 @@ def late_interaction(P: list[Mat], S: list[Mat], lengths: list[int], M: int, pad
             row_best = []
             for row in X:
                 best = max(row)
-                if pad_as_zero and m < M:  # a zero vector in a padded slot scores exactly 0
+                if pad_as_zero and m < max(lengths):  # the authors' zero vector after a shorter text's sentences
                     best = max(best, 0.0)
                 row_best.append(best)
             zI[k][l] = sum(row_best) / len(P[k])

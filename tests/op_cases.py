@@ -26,6 +26,13 @@ class Case:
     use_gaze: torch.Tensor  # [Bt] bool
 
 
+def _dyadic(x: torch.Tensor, d: int) -> torch.Tensor:
+    """Unit-variance-per-dot features rounded to multiples of 1/16 (never an all-zero row)."""
+    q = torch.round(x * 4 * d**0.5) / 16
+    q[..., 0] = torch.where((q == 0).all(dim=-1), torch.ones_like(q[..., 0]) / 16, q[..., 0])
+    return q
+
+
 def make_case(
     name: str,
     Bi: int,
@@ -46,7 +53,12 @@ def make_case(
     P = F.normalize(torch.randn(Bi, n, d, generator=g, dtype=torch.float64), dim=-1)
     S = F.normalize(torch.randn(Bt, M, d, generator=g, dtype=torch.float64), dim=-1)
     if ties:
-        # Duplicated sentences and patches give exact ties in every max.
+        # Duplicated sentences and patches give exact ties in every max. The features are first
+        # rounded to multiples of 1/16 (small integers), so every dot product is a multiple of
+        # 1/256 well inside fp32's (and bf16 inputs') exact range: a tie is then exact in every
+        # summation order, whatever BLAS, instruction set or kernel computes it.
+        P = _dyadic(P, d)
+        S = _dyadic(S, d)
         if M > 1:
             S[:, M - 1] = S[:, 0]
         if n > 2:
@@ -138,7 +150,7 @@ def compare_cross_map(fn, case: Case, config: EGMAConfig, alpha: float = 7.5, rt
     n = case.P.shape[1]
     params = reference.cross_map_params(config, n)
     batch_has_gaze = bool(case.use_gaze.any())
-    theta = reference.egm_sample_thetas(case.use_gaze, batch_has_gaze, config)
+    theta = clear_thetas(case, reference.egm_sample_thetas(case.use_gaze, batch_has_gaze, config), params)
     P1 = case.P.detach().clone().requires_grad_()
     S1 = case.S.detach().clone().requires_grad_()
     a1 = torch.tensor(alpha, dtype=case.P.dtype, device=case.P.device, requires_grad=True)
@@ -155,6 +167,40 @@ def compare_cross_map(fn, case: Case, config: EGMAConfig, alpha: float = 7.5, rt
     want_g = _grads(tuple(want), (P2, S2, a2), seed)
     for name, a, b in zip(("dP", "dS", "dalpha"), got_g, want_g):
         assert_close(f"{case.name}/{config.preset_name}/{name}", a, b, rtol, atol)
+
+
+def threshold_margin(case: Case, theta: torch.Tensor, params: reference.CrossMapParams) -> float:
+    """Smallest float64 distance between a pre-threshold weight of the threshold omega (SPEC 3.1)
+    and its sample's theta: how far the case is from a decision that fp32 and float64 may take
+    differently (inf for the top-k omega)."""
+    if params.omega != "threshold":
+        return float("inf")
+    P, S, valid = case.P.double(), case.S.double(), case.mask
+    A = torch.einsum("bnd,bmd->bnm", P, S)
+    B, n, M = A.shape
+    gaze = case.GS.double() * (case.use_gaze[:, None, None] & valid[:, :, None])
+    g = case.use_gaze[:, None, None]
+    m = valid.sum(1)
+    valid_A = valid[:, None, :].expand(B, n, M)
+    a_tilde = reference._minmax_rows(A, valid_A, m[:, None].expand(B, n))
+    t_tilde = reference._minmax_rows(A.transpose(1, 2), torch.ones(B, M, n, dtype=torch.bool), torch.full((B, M), n))
+    a_pre = torch.where(g, a_tilde + gaze.transpose(1, 2) / 2, a_tilde)
+    t_pre = torch.where(g, (t_tilde + gaze) / 2, t_tilde)
+    th = theta.double()[:, None, None]
+    gaps = [torch.where(valid_A, (a_pre - th).abs(), torch.inf), torch.where(valid[:, :, None], (t_pre - th).abs(), torch.inf)]
+    return float(min(gap.min() for gap in gaps))
+
+
+def clear_thetas(case: Case, theta: torch.Tensor, params: reference.CrossMapParams, margin: float = 1e-6) -> torch.Tensor:
+    """theta, nudged upwards by multiples of 1e-4 until no pre-threshold weight of the case lies
+    within ``margin`` of it. theta is an input of the op, so the comparison stays exact; the nudge
+    matters for exact rational ties (dyadic tie cases can give (x - lo) / (hi - lo) = 2/7 exactly,
+    which fp32 and float64 round to different sides of theta)."""
+    for step in range(50):
+        nudged = theta + step * 1e-4
+        if threshold_margin(case, nudged, params) > margin:
+            return nudged
+    raise RuntimeError(f"{case.name}: no theta near {theta.tolist()} clears every threshold decision")
 
 
 def cross_map_configs() -> list[EGMAConfig]:

@@ -23,6 +23,7 @@ if backend_error("cpp") is not None:
 
 from egma_fast import _C  # noqa: E402
 from egma_fast.ops import cpp_backend as cb  # noqa: E402
+from egma_fast.ops.arguments import text_zero_slots  # noqa: E402
 
 from op_cases import (  # noqa: E402
     assert_late_interaction_deterministic,
@@ -54,6 +55,10 @@ def winners(request, monkeypatch):
     """Image-side winners saved by the forward, or recomputed from the tiles in the backward."""
     monkeypatch.setitem(cb.SAVE_SENTENCE_ARGMAX_MAX_BYTES, "cpu", 1 << 40 if request.param == "save" else 0)
     return request.param
+
+
+def _no_zero_slot(case: Case) -> torch.Tensor:
+    return text_zero_slots(case.mask, False)
 
 
 def _ids(cases: list[Case]) -> list[str]:
@@ -99,15 +104,15 @@ def test_late_interaction_patch_mask(isa, winners, pad_as_zero) -> None:
 
 
 def test_late_interaction_pad_zero_ties() -> None:
-    """pad_as_zero: a real sentence scoring exactly 0 ties with the padding slots' 0, and the
-    first slot wins (gradient only when it is the real one)."""
+    """pad_as_zero: a real sentence scoring exactly 0 ties with a shorter text's zero slot, and the
+    real sentence wins (it gets the gradient); below 0 the zero slot wins (no gradient)."""
     P = torch.zeros(2, 3, 4, dtype=torch.float64)
     P[:, :, 0] = 1.0
-    S = torch.zeros(2, 3, 4, dtype=torch.float64)
+    S = torch.zeros(3, 3, 4, dtype=torch.float64)
     S[:, :, 1] = 1.0  # every real score is exactly 0
     S[1, 2, 0] = -1.0
-    mask = torch.tensor([[False, True, True], [True, False, True]])
-    case = Case("zero_ties", P, S, mask, torch.zeros(2, 3, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.bool))
+    mask = torch.tensor([[False, True, True], [True, False, True], [True, True, True]])
+    case = Case("zero_ties", P, S, mask, torch.zeros(3, 3, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.bool))
     for save in (0, 1 << 40):
         cb.SAVE_SENTENCE_ARGMAX_MAX_BYTES["cpu"], old = save, cb.SAVE_SENTENCE_ARGMAX_MAX_BYTES["cpu"]
         try:
@@ -120,7 +125,7 @@ def test_late_interaction_index_dtypes() -> None:
     """More than 256 patches (int16 winning patch) and more than 256 slots (int16 winning sentence)."""
     for Bi, Bt, n, M in ((2, 2, 300, 3), (2, 2, 5, 260)):
         case = make_case("big", Bi, Bt, n, M, 6, mask_kind="scattered")
-        _, _, win, win_sentence = ops.late_interaction_fwd(case.P, case.S, case.mask, None, False, True)
+        _, _, win, win_sentence = ops.late_interaction_fwd(case.P, case.S, case.mask, None, _no_zero_slot(case), True)
         assert win.dtype == (torch.int16 if n > 256 else torch.uint8)
         assert win_sentence.dtype == (torch.int16 if M > 256 else torch.uint8)
         compare_late_interaction(cb.late_interaction, case, False, **TOL[torch.float32])
@@ -129,10 +134,10 @@ def test_late_interaction_index_dtypes() -> None:
 def test_late_interaction_saved_state_is_small() -> None:
     """Forward saves O(Bi Bt (M + n)) bytes of winners, never the Bi x Bt x n x M similarities."""
     case = make_case("mem", 6, 5, 49, 16, 32)
-    zI, zT, win, win_sentence = ops.late_interaction_fwd(case.P, case.S, case.mask, None, False, True)
+    zI, zT, win, win_sentence = ops.late_interaction_fwd(case.P, case.S, case.mask, None, _no_zero_slot(case), True)
     assert win.shape == (6, 5, 16) and win.dtype == torch.uint8
     assert win_sentence.shape == (6, 5, 49) and win_sentence.dtype == torch.uint8
-    _, _, _, none = ops.late_interaction_fwd(case.P, case.S, case.mask, None, False, False)
+    _, _, _, none = ops.late_interaction_fwd(case.P, case.S, case.mask, None, _no_zero_slot(case), False)
     assert none.numel() == 0
 
 
@@ -186,7 +191,7 @@ def test_late_interaction_recompute_is_bitwise_saved() -> None:
     for save in (True, False):
         P = case.P.clone().requires_grad_()
         S = case.S.clone().requires_grad_()
-        zI, zT, win, ws = ops.late_interaction_fwd(P, S, case.mask, None, True, save)
+        zI, zT, win, ws = ops.late_interaction_fwd(P, S, case.mask, None, text_zero_slots(case.mask, True), save)
         g = torch.randn(2, *zI.shape, generator=torch.Generator().manual_seed(3))
         grads.append(torch.autograd.grad((g[0] * zI).sum() + (g[1] * zT).sum(), (P, S)))
     for a, b in zip(*grads):
@@ -323,12 +328,13 @@ def _op_samples():
     alpha = torch.tensor(4.0, requires_grad=True)
     cm_inputs = (cm.P.clone().requires_grad_(), cm.S.clone().requires_grad_(), cm.mask, cm.GS, cm.use_gaze, theta,
                  alpha)
-    _, _, win, ws = ops.late_interaction_fwd(case.P, case.S, case.mask, pmask, True, True)
+    zslot = text_zero_slots(case.mask, True)
+    _, _, win, ws = ops.late_interaction_fwd(case.P, case.S, case.mask, pmask, zslot, True)
     g = torch.randn(3, 4)
     return [
-        (ops.late_interaction_fwd.default, (P, S, case.mask, pmask, True, True)),
-        (ops.late_interaction_fwd.default, (P, S, case.mask, None, False, False)),
-        (ops.late_interaction_bwd.default, (g, g, case.P, case.S, case.mask, pmask, True, win, ws)),
+        (ops.late_interaction_fwd.default, (P, S, case.mask, pmask, zslot, True)),
+        (ops.late_interaction_fwd.default, (P, S, case.mask, None, _no_zero_slot(case), False)),
+        (ops.late_interaction_bwd.default, (g, g, case.P, case.S, case.mask, pmask, zslot, win, ws)),
         (ops.cross_map_fwd.default, (*cm_inputs, *params)),
         (ops.cross_map_bwd.default, (*(torch.randn(3) for _ in range(4)), cm.P, cm.S, cm.mask, cm.GS, cm.use_gaze,
                                      theta, alpha.detach(), *params)),

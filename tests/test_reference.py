@@ -244,20 +244,63 @@ def test_paper_masked_padding_changes_nothing():
         torch.testing.assert_close(getattr(padded, name), getattr(base, name), msg=name)
 
 
-def test_official_padding_scores_zero_slot():
-    """SPEC 2.1: with padding, official's image-side max is max(0, max over real sentences)."""
-    P, S, mask, _, _ = _batch(B=4, M=3, gaze=False)
-    full = torch.ones_like(mask)
-    S_pad = torch.cat([S, torch.randn(4, 1, S.shape[2], dtype=torch.float64)], dim=1)
-    mask_pad = torch.cat([full, torch.zeros(4, 1, dtype=torch.bool)], dim=1)
-    zI, zT = reference.late_interaction(P, S_pad, mask_pad, pad_as_zero=True)
+def _authors_packed_scores(P: torch.Tensor, S: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The authors' arithmetic, written independently of reference.py: each report's real sentences
+    packed in order into zero vectors of width m_max = max_l m_l, then a plain max over all m_max
+    slots (torch.max: the first maximiser wins) and the text side divided by the true m_l."""
+    m = mask.sum(1)
+    m_max = int(m.max())
+    packed = torch.zeros(S.shape[0], m_max, S.shape[2], dtype=S.dtype)
+    for l in range(S.shape[0]):
+        packed[l, : int(m[l])] = S[l][mask[l]]
+    X = torch.einsum("bnd,tmd->btnm", P, packed)
+    zI = X.max(dim=3).values.mean(dim=2)
+    real = torch.arange(m_max)[None, :] < m[:, None]
+    col = torch.where(real[None], X.max(dim=2).values, torch.zeros(()))
+    return zI, col.sum(2) / m[None, :].to(X.dtype)
+
+
+@pytest.mark.parametrize("mask_kind", ["prefix", "scattered"])
+@pytest.mark.parametrize("extra_width", [0, 1, 3])
+def test_official_padding_is_the_authors_packing(mask_kind: str, extra_width: int):
+    """SPEC 2.1: official's image-side max has a zero slot only for texts shorter than the batch's
+    longest (m_l < m_max), whatever width M the tensors are padded to; values and gradients equal
+    the authors' zero-vector packing."""
+    g = torch.Generator().manual_seed(7 + extra_width)
+    B, n, M, d = 5, 6, 4, 8
+    P = F.normalize(torch.randn(B, n, d, generator=g, dtype=torch.float64), dim=-1)
+    S = F.normalize(torch.randn(B, M + extra_width, d, generator=g, dtype=torch.float64), dim=-1)
+    lengths = torch.tensor([4, 2, 1, 4, 3])
+    mask = torch.arange(M + extra_width)[None, :] < lengths[:, None]
+    if mask_kind == "scattered":
+        perm = torch.stack([torch.randperm(M + extra_width, generator=g) for _ in range(B)])
+        mask = torch.gather(mask, 1, perm)
+    Pa, Sa = P.clone().requires_grad_(), S.clone().requires_grad_()
+    Pb, Sb = P.clone().requires_grad_(), S.clone().requires_grad_()
+    got = reference.late_interaction(Pa, Sa, mask, pad_as_zero=True)
+    want = _authors_packed_scores(Pb, Sb, mask)
+    w = torch.randn(2, B, B, generator=g, dtype=torch.float64)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    (w[0] * got[0] + w[1] * got[1]).sum().backward()
+    (w[0] * want[0] + w[1] * want[1]).sum().backward()
+    torch.testing.assert_close(Pa.grad, Pb.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(Sa.grad, Sb.grad, rtol=1e-12, atol=1e-12)
+    # The texts with m_l = m_max have no zero slot: their negative row maxima survive.
     X = torch.einsum("bnd,tmd->btnm", P, S)
-    want_zI = X.max(dim=3).values.clamp_min(0).mean(dim=2)
-    want_zT = X.max(dim=2).values.mean(dim=2)  # true m, unchanged by the padded slot
-    torch.testing.assert_close(zI, want_zI)
-    torch.testing.assert_close(zT, want_zT)
-    zI_paper, _ = reference.late_interaction(P, S_pad, mask_pad, pad_as_zero=False)
-    assert not torch.allclose(zI_paper, zI), "the case must have negative row maxima to tell the modes apart"
+    assert (torch.where(mask[None, :, None, :], X, torch.tensor(-9.0)).amax(3)[:, lengths == 4] < 0).any()
+
+
+def test_official_zero_slot_tie_goes_to_the_real_sentence():
+    """A real sentence scoring exactly 0 ties with the zero slot: the real one wins (the authors' zero
+    vectors come after the real sentences), so it gets the gradient."""
+    P = t64([[[1.0, 0.0]]])
+    S = t64([[[0.0, 1.0], [0.0, 0.0]], [[1.0, 0.0], [0.5, 0.5]]]).requires_grad_()
+    mask = torch.tensor([[True, False], [True, True]])
+    zI, _ = reference.late_interaction(P.requires_grad_(), S, mask, pad_as_zero=True)
+    assert zI[0, 0].item() == 0.0
+    zI[0, 0].backward()
+    assert S.grad[0, 0, 0].item() == 1.0  # d<P, S_00>/dS_00 = P: the real sentence won the tie
 
 
 @pytest.mark.parametrize("config", [PAPER, OFFICIAL_EGM], ids=["paper", "official"])

@@ -71,9 +71,10 @@ def _li_margin(P, S, mask, pad_as_zero: bool) -> float:
     """Smallest float64 margin of every max decision of late interaction."""
     X = torch.einsum("bnd,tmd->btnm", P.double(), S.double())
     xi = torch.where(mask[None, :, None, :], X, torch.full_like(X, -math.inf))
-    if pad_as_zero:  # every masked slot scores 0: one extra candidate per (k, l, i)
-        any_masked = (~mask).any(dim=1)[None, :, None, None]
-        zero = torch.where(any_masked, torch.zeros_like(X[..., :1]), torch.full_like(X[..., :1], -math.inf))
+    if pad_as_zero:  # a shorter text's zero slot: one extra candidate per (k, l, i)
+        m = mask.sum(dim=1)
+        shorter = (m < m.max())[None, :, None, None]
+        zero = torch.where(shorter, torch.zeros_like(X[..., :1]), torch.full_like(X[..., :1], -math.inf))
         xi = torch.cat([xi, zero], dim=-1)
     image_gap = _top2_gap(xi)
     text_gap = _top2_gap(X.transpose(2, 3))

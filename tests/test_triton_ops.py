@@ -87,7 +87,8 @@ def test_late_interaction_int16_winners() -> None:
     # Make a late patch the clear winner of every sentence.
     case.P[:, 290] = case.S[0, 0]
     case.P[:, 297] = case.S[1, 1]
-    _, _, win = tb._li_fwd(case.P, case.S, case.mask, torch.ones(2, 300, dtype=torch.bool, device=DEVICE), False)
+    no_slot = torch.zeros(2, dtype=torch.bool, device=DEVICE)
+    _, _, win = tb._li_fwd(case.P, case.S, case.mask, torch.ones(2, 300, dtype=torch.bool, device=DEVICE), no_slot)
     assert win.dtype == torch.int16
     assert int(win[0, 0, 0]) == 290 and int(win[1, 1, 1]) == 297
     compare_late_interaction(tb.late_interaction, case, False, **LI_TOL)
@@ -271,7 +272,8 @@ def test_opcheck_late_interaction() -> None:
     P = case.P.clone().requires_grad_()
     S = case.S.clone().requires_grad_()
     pmask = torch.ones(2, 5, dtype=torch.bool, device=DEVICE)
-    torch.library.opcheck(torch.ops.egma_fast.triton_late_interaction_fwd.default, (P, S, case.mask, pmask, True))
+    zslot = torch.tensor([True, False, True], device=DEVICE)
+    torch.library.opcheck(torch.ops.egma_fast.triton_late_interaction_fwd.default, (P, S, case.mask, pmask, zslot))
 
 
 def test_opcheck_cross_map() -> None:

@@ -32,11 +32,10 @@ struct LIArgs {
   const int64_t* m_valid;  // [Bt] real sentences per text
   const int64_t* lane_off;   // [Bt + 1] first lane of each text
   const int64_t* lane_row;   // [lanes] row of S (l * M + slot) of each lane
-  const int64_t* first_pad;  // [Bt] first padding slot of each text, -1 if none
+  const int64_t* first_pad;  // [Bt] a masked slot of each text with a zero slot (pad_as_zero), else -1
   const int64_t* chunk_off;  // [nchunks + 1] first text of each tile chunk
   int64_t Bi, Bt, n, M, d;
   int64_t lanes, nblk, nchunks;  // real sentences, packed blocks of W lanes, tile chunks
-  bool pad_as_zero;
 };
 
 // An index tensor of 1, 2 or 4 bytes per entry (see index_dtype).
@@ -116,7 +115,8 @@ constexpr int64_t kChunkLanes = 128;
 
 template <typename T>
 void prepare(Prepared<T>& p, const at::Tensor& P, const at::Tensor& S, const at::Tensor& sent_mask,
-             const std::optional<at::Tensor>& patch_mask, bool pad_as_zero, const std::array<int64_t, 5>& dims) {
+             const std::optional<at::Tensor>& patch_mask, const at::Tensor& zero_slot,
+             const std::array<int64_t, 5>& dims) {
   const auto acc = c10::CppTypeToScalarType<T>::value;
   p.P = P.to(acc).contiguous();
   p.S = S.to(acc).contiguous();
@@ -127,6 +127,8 @@ void prepare(Prepared<T>& p, const at::Tensor& P, const at::Tensor& S, const at:
   p.m_valid = count_valid(p.smask, Bt, M);
   const at::Tensor& smask = p.smask;
   const bool* sm = smask.data_ptr<bool>();
+  const at::Tensor zslot = zero_slot.contiguous();
+  const bool* zs = zslot.data_ptr<bool>();
   p.lane_off.assign(Bt + 1, 0);
   p.first_pad.assign(Bt, -1);
   p.chunk_off.assign(1, 0);
@@ -134,7 +136,7 @@ void prepare(Prepared<T>& p, const at::Tensor& P, const at::Tensor& S, const at:
   for (int64_t l = 0; l < Bt; ++l) {
     for (int64_t j = 0; j < M; ++j) {
       if (sm[l * M + j]) p.lane_row.push_back(l * M + j);
-      else if (p.first_pad[l] < 0) p.first_pad[l] = j;
+      else if (zs[l] && p.first_pad[l] < 0) p.first_pad[l] = j;  // the zero slot's winner: no gradient
     }
     p.lane_off[l + 1] = static_cast<int64_t>(p.lane_row.size());
     if (chunk_lanes > 0 && chunk_lanes + p.m_valid[l] > kChunkLanes) {
@@ -152,7 +154,7 @@ void prepare(Prepared<T>& p, const at::Tensor& P, const at::Tensor& S, const at:
   p.args = LIArgs<T>{Pc.data_ptr<T>(), Sc.data_ptr<T>(), sm, pm.defined() ? pm.data_ptr<bool>() : nullptr,
                      p.n_valid.data(), p.m_valid.data(), p.lane_off.data(), p.lane_row.data(),
                      p.first_pad.data(), p.chunk_off.data(), Bi, Bt, n, M, d, lanes, (lanes + W - 1) / W,
-                     static_cast<int64_t>(p.chunk_off.size()) - 1, pad_as_zero};
+                     static_cast<int64_t>(p.chunk_off.size()) - 1};
 }
 
 template <typename T>
@@ -167,8 +169,8 @@ at::Tensor pack(const LIArgs<T>& a) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> late_interaction_fwd(
     const at::Tensor& P, const at::Tensor& S, const at::Tensor& sent_mask,
-    const std::optional<at::Tensor>& patch_mask, bool pad_as_zero, bool save_sentence_argmax) {
-  const auto dims = check_late_interaction_inputs(P, S, sent_mask, patch_mask);
+    const std::optional<at::Tensor>& patch_mask, const at::Tensor& zero_slot, bool save_sentence_argmax) {
+  const auto dims = check_late_interaction_inputs(P, S, sent_mask, patch_mask, zero_slot);
   const auto [Bi, Bt, n, M, d] = dims;
   const auto acc = accumulate_dtype(P.scalar_type());
   const auto opts = P.options().dtype(acc);
@@ -179,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> late_interaction_fwd(
                                                  : at::empty({0}, P.options().dtype(index_dtype(M)));
   AT_DISPATCH_FLOATING_TYPES(acc, "egma_fast late_interaction_fwd", [&] {
     Prepared<scalar_t> p;
-    prepare<scalar_t>(p, P, S, sent_mask, patch_mask, pad_as_zero, dims);
+    prepare<scalar_t>(p, P, S, sent_mask, patch_mask, zero_slot, dims);
     if (Bi * Bt == 0) return;
     at::Tensor ST = pack<scalar_t>(p.args);
     IndexView jstar = save_sentence_argmax ? IndexView(win_sentence) : IndexView();
@@ -191,9 +193,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> late_interaction_fwd(
 
 std::tuple<at::Tensor, at::Tensor> late_interaction_bwd(
     const at::Tensor& grad_zI, const at::Tensor& grad_zT, const at::Tensor& P, const at::Tensor& S,
-    const at::Tensor& sent_mask, const std::optional<at::Tensor>& patch_mask, bool pad_as_zero,
+    const at::Tensor& sent_mask, const std::optional<at::Tensor>& patch_mask, const at::Tensor& zero_slot,
     const at::Tensor& win_patch, const at::Tensor& win_sentence) {
-  const auto dims = check_late_interaction_inputs(P, S, sent_mask, patch_mask);
+  const auto dims = check_late_interaction_inputs(P, S, sent_mask, patch_mask, zero_slot);
   const auto [Bi, Bt, n, M, d] = dims;
   TORCH_CHECK(grad_zI.sizes() == at::IntArrayRef({Bi, Bt}) && grad_zT.sizes() == at::IntArrayRef({Bi, Bt}),
               "late_interaction_bwd: grad_zI and grad_zT must be [Bi, Bt] = [", Bi, ", ", Bt, "], got ",
@@ -208,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> late_interaction_bwd(
   at::Tensor gP, gS;
   AT_DISPATCH_FLOATING_TYPES(acc, "egma_fast late_interaction_bwd", [&] {
     Prepared<scalar_t> p;
-    prepare<scalar_t>(p, P, S, sent_mask, patch_mask, pad_as_zero, dims);
+    prepare<scalar_t>(p, P, S, sent_mask, patch_mask, zero_slot, dims);
     at::Tensor gP_acc = at::empty({Bi, n, d}, P.options().dtype(acc));  // the kernels write every row
     at::Tensor gS_acc = at::empty({Bt, M, d}, P.options().dtype(acc));
     if (Bi * Bt * d > 0) {

@@ -3,7 +3,7 @@
 //
 // Forward: one block per pair (text l, image k). Warps compute the n x M tile chunk by chunk of
 // patches (one warp per dot product, warp_dot), then threads take the image-side row max per
-// patch (ties to the lower slot; padding slots are -inf, or exactly 0 under pad_as_zero) and the
+// patch (ties to the lower slot; masked slots never win, a zero slot floors it at 0: SPEC 2.1) and the
 // text-side running column max per sentence (ties to the lower patch). Saves the winning patch per
 // (k, l, sentence) and, when asked, the winning sentence per (k, l, patch).
 // Backward: dP with one block per image and dS with one block per text, accumulated in fp32 (fp64)
@@ -38,18 +38,28 @@ __device__ void tile_chunk(const LateInteractionArgs& a, const in_t* Pk, const i
   __syncthreads();
 }
 
-// Image side of one tile row: the first slot attaining the max over the text's slots.
+// Image side of one tile row: the first real slot attaining the max over the text's slots. A text
+// with a zero slot (pad_as_zero, SPEC 2.1) floors it at 0: when every real sentence scores below
+// 0 the zero slot wins, and a masked slot index is returned (it passes no gradient).
 template <typename T>
-__device__ __forceinline__ int64_t row_winner(const T* row, const bool* sm, int64_t M, bool pad_as_zero, T& best) {
-  int64_t arg = -1;
+__device__ __forceinline__ int64_t row_winner(const T* row, const bool* sm, int64_t M, bool zero_slot, T& best) {
+  int64_t arg = -1, masked = -1;
+  best = -egma_inf<T>();
   for (int64_t j = 0; j < M; ++j) {
-    const T v = sm[j] ? row[j] : (pad_as_zero ? T(0) : -egma_inf<T>());
-    if (arg < 0 || v > best) {
-      best = v;
+    if (!sm[j]) {
+      if (masked < 0) masked = j;
+      continue;
+    }
+    if (arg < 0 || row[j] > best) {
+      best = row[j];
       arg = j;
     }
   }
-  return arg;
+  if (zero_slot && masked >= 0 && (arg < 0 || best < T(0))) {
+    best = T(0);
+    arg = masked;
+  }
+  return arg < 0 ? 0 : arg;
 }
 
 template <typename in_t, typename T>
@@ -82,7 +92,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t r = threadIdx.x; r < rows; r += kThreads) {
       if (pm && !pm[i0 + r]) continue;
       T best;
-      const int64_t j = row_winner<T>(tile + r * M, sm, M, a.pad_as_zero, best);
+      const int64_t j = row_winner<T>(tile + r * M, sm, M, a.zero_slot[l], best);
       zi += best;
       if (jstar.data) index_set(jstar, pair * n + i0 + r, j);
     }
@@ -142,7 +152,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int64_t r = threadIdx.x; r < rows; r += kThreads) {
           if (pm && !pm[i0 + r]) continue;
           T best;
-          index_set(jstar, pair * n + i0 + r, row_winner<T>(tile + r * M, sm, M, a.pad_as_zero, best));
+          index_set(jstar, pair * n + i0 + r, row_winner<T>(tile + r * M, sm, M, a.zero_slot[l], best));
         }
       }
     }
@@ -193,7 +203,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t i = 0; i < n; ++i) {
         if (pm && !pm[i]) continue;
         const int64_t j = index_get(jstar, pair * n + i);
-        if (!sm[j]) continue;  // pad_as_zero: a padding slot won
+        if (!sm[j]) continue;  // the zero slot won: no gradient
         for (int64_t x = threadIdx.x; x < d; x += kThreads) acc[j * d + x] += cI * static_cast<T>(Pk[i * d + x]);
       }
     }

@@ -30,8 +30,8 @@ struct LateInteractionArgs {
   const bool* pmask;        // [Bi, n] or nullptr
   const int32_t* n_valid;   // [Bi] valid patches per image
   const int32_t* m_valid;   // [Bt] real sentences per text
+  const bool* zero_slot;    // [Bt] the text's image-side max is floored at 0 (pad_as_zero, SPEC 2.1)
   int64_t Bi, Bt, n, M, d;
-  bool pad_as_zero;
   Dtype dtype;
   void* stream;             // cudaStream_t
 };

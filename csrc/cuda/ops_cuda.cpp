@@ -34,12 +34,13 @@ void check_launch(int err, const char* what) {
 IndexPtr index_ptr(const at::Tensor& t) { return IndexPtr{t.numel() ? t.data_ptr() : nullptr, static_cast<int>(t.element_size())}; }
 
 struct LIInputs {
-  at::Tensor P, S, smask, pmask, n_valid, m_valid;
+  at::Tensor P, S, smask, pmask, n_valid, m_valid, zero_slot;
   LateInteractionArgs args;
 };
 
 LIInputs li_inputs(const at::Tensor& P, const at::Tensor& S, const at::Tensor& sent_mask,
-                   const std::optional<at::Tensor>& patch_mask, bool pad_as_zero, const std::array<int64_t, 5>& dims) {
+                   const std::optional<at::Tensor>& patch_mask, const at::Tensor& zero_slot,
+                   const std::array<int64_t, 5>& dims) {
   const auto [Bi, Bt, n, M, d] = dims;
   TORCH_CHECK(M <= 1024, "late_interaction (CUDA): at most 1024 sentence slots (M), got ", M);
   TORCH_CHECK(Bi <= 65535, "late_interaction (CUDA): at most 65535 images (Bi) per call, got ", Bi);
@@ -51,21 +52,23 @@ LIInputs li_inputs(const at::Tensor& P, const at::Tensor& S, const at::Tensor& s
   if (has_pmask) in.pmask = patch_mask->contiguous();
   in.n_valid = has_pmask ? in.pmask.sum(1, false, at::kInt) : at::full({Bi}, n, P.options().dtype(at::kInt));
   in.m_valid = in.smask.sum(1, false, at::kInt);
+  in.zero_slot = zero_slot.contiguous();
   in.args = LateInteractionArgs{in.P.data_ptr(),
                                 in.S.data_ptr(),
                                 in.smask.data_ptr<bool>(),
                                 has_pmask ? in.pmask.data_ptr<bool>() : nullptr,
                                 in.n_valid.data_ptr<int32_t>(),
                                 in.m_valid.data_ptr<int32_t>(),
-                                Bi, Bt, n, M, d, pad_as_zero, dtype_of(P),
+                                in.zero_slot.data_ptr<bool>(),
+                                Bi, Bt, n, M, d, dtype_of(P),
                                 c10::cuda::getCurrentCUDAStream(P.get_device()).stream()};
   return in;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> late_interaction_fwd(
     const at::Tensor& P, const at::Tensor& S, const at::Tensor& sent_mask,
-    const std::optional<at::Tensor>& patch_mask, bool pad_as_zero, bool save_sentence_argmax) {
-  const auto dims = check_late_interaction_inputs(P, S, sent_mask, patch_mask);
+    const std::optional<at::Tensor>& patch_mask, const at::Tensor& zero_slot, bool save_sentence_argmax) {
+  const auto dims = check_late_interaction_inputs(P, S, sent_mask, patch_mask, zero_slot);
   const auto [Bi, Bt, n, M, d] = dims;
   const c10::cuda::CUDAGuard guard(P.device());
   const auto opts = P.options().dtype(accumulate_dtype(P.scalar_type()));
@@ -73,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> late_interaction_fwd(
   at::Tensor win_patch = at::zeros({Bi, Bt, M}, P.options().dtype(index_dtype(n)));
   at::Tensor win_sentence = save_sentence_argmax ? at::zeros({Bi, Bt, n}, P.options().dtype(index_dtype(M)))
                                                  : at::empty({0}, P.options().dtype(index_dtype(M)));
-  const LIInputs in = li_inputs(P, S, sent_mask, patch_mask, pad_as_zero, dims);
+  const LIInputs in = li_inputs(P, S, sent_mask, patch_mask, zero_slot, dims);
   check_launch(late_interaction_forward(in.args, zI.data_ptr(), zT.data_ptr(), index_ptr(win_patch),
                                         save_sentence_argmax ? index_ptr(win_sentence) : IndexPtr{nullptr, 1}),
                "late_interaction forward");
@@ -82,9 +85,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> late_interaction_fwd(
 
 std::tuple<at::Tensor, at::Tensor> late_interaction_bwd(
     const at::Tensor& grad_zI, const at::Tensor& grad_zT, const at::Tensor& P, const at::Tensor& S,
-    const at::Tensor& sent_mask, const std::optional<at::Tensor>& patch_mask, bool pad_as_zero,
+    const at::Tensor& sent_mask, const std::optional<at::Tensor>& patch_mask, const at::Tensor& zero_slot,
     const at::Tensor& win_patch, const at::Tensor& win_sentence) {
-  const auto dims = check_late_interaction_inputs(P, S, sent_mask, patch_mask);
+  const auto dims = check_late_interaction_inputs(P, S, sent_mask, patch_mask, zero_slot);
   const auto [Bi, Bt, n, M, d] = dims;
   TORCH_CHECK(grad_zI.sizes() == at::IntArrayRef({Bi, Bt}) && grad_zT.sizes() == at::IntArrayRef({Bi, Bt}),
               "late_interaction_bwd: grad_zI and grad_zT must be [Bi, Bt] = [", Bi, ", ", Bt, "]");
@@ -96,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> late_interaction_bwd(
               "late_interaction_bwd: win_sentence must be the forward's [Bi, Bt, n] index tensor or empty");
   const c10::cuda::CUDAGuard guard(P.device());
   const auto acc = accumulate_dtype(P.scalar_type());
-  const LIInputs in = li_inputs(P, S, sent_mask, patch_mask, pad_as_zero, dims);
+  const LIInputs in = li_inputs(P, S, sent_mask, patch_mask, zero_slot, dims);
   at::Tensor gzI = grad_zI.to(acc).contiguous(), gzT = grad_zT.to(acc).contiguous();
   at::Tensor win = win_patch.contiguous();
   at::Tensor jstar = recompute ? at::empty({Bi, Bt, n}, P.options().dtype(index_dtype(M))) : win_sentence.contiguous();

@@ -5,9 +5,9 @@ for CPU tensors (OpenMP over the batch, vectorised for AVX-512 / AVX2 / SSE2, pi
 and, when built with a CUDA toolkit and a CUDA build of torch, CUDA kernels:
 
     late_interaction_fwd(P [Bi, n, d], S [Bt, M, d], sent_mask [Bt, M] bool, patch_mask [Bi, n] bool | None,
-                         pad_as_zero, save_sentence_argmax)
+                         zero_slot [Bt] bool, save_sentence_argmax)
         -> zI [Bi, Bt], zT [Bi, Bt], win_patch [Bi, Bt, M], win_sentence [Bi, Bt, n] (or [0])
-    late_interaction_bwd(grad_zI, grad_zT, P, S, sent_mask, patch_mask, pad_as_zero, win_patch, win_sentence)
+    late_interaction_bwd(grad_zI, grad_zT, P, S, sent_mask, patch_mask, zero_slot, win_patch, win_sentence)
         -> grad_P, grad_S
     cross_map_fwd(P [B, n, d], S [B, M, d], sent_mask [B, M], GS [B, M, n], use_gaze [B], theta [B], alpha (1 element),
                   threshold_omega, k_sentences, k_patches, floor_value, single_mse, gaze_threshold, with_mlce, with_egm)
@@ -29,6 +29,8 @@ import logging
 
 import torch
 
+from egma_fast.ops.arguments import index_dtype as _index_dtype
+from egma_fast.ops.arguments import text_zero_slots
 from egma_fast.ops.registry import Backend, register_backend
 from egma_fast.reference import CrossMapParams, CrossMapTerms
 
@@ -85,20 +87,11 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _index_dtype(count) -> torch.dtype:
-    """The dtype holding 0..count-1 (csrc/ops.h index_dtype)."""
-    if count <= 256:
-        return torch.uint8
-    if count <= 32768:
-        return torch.int16
-    return torch.int32
-
-
 # ----------------------------------------------------------------------------------------------
 # Fake (meta) implementations: shapes and dtypes only, for torch.compile and opcheck.
 # ----------------------------------------------------------------------------------------------
 @torch.library.register_fake("egma_fast_C::late_interaction_fwd")
-def _late_interaction_fwd_fake(P, S, sent_mask, patch_mask, pad_as_zero, save_sentence_argmax):
+def _late_interaction_fwd_fake(P, S, sent_mask, patch_mask, zero_slot, save_sentence_argmax):
     Bi, n, _ = P.shape
     Bt, M, _ = S.shape
     acc = _accumulate_dtype(P.dtype)
@@ -112,7 +105,7 @@ def _late_interaction_fwd_fake(P, S, sent_mask, patch_mask, pad_as_zero, save_se
 
 
 @torch.library.register_fake("egma_fast_C::late_interaction_bwd")
-def _late_interaction_bwd_fake(grad_zI, grad_zT, P, S, sent_mask, patch_mask, pad_as_zero, win_patch, win_sentence):
+def _late_interaction_bwd_fake(grad_zI, grad_zT, P, S, sent_mask, patch_mask, zero_slot, win_patch, win_sentence):
     return P.new_empty(P.shape), S.new_empty(S.shape)
 
 
@@ -131,16 +124,15 @@ def _cross_map_bwd_fake(g0, g1, g2, g3, P, S, sent_mask, GS, use_gaze, theta, al
 # Autograd: the forward ops save their inputs (and the winners), the backward ops are the formulas.
 # ----------------------------------------------------------------------------------------------
 def _late_interaction_setup(ctx, inputs, output):
-    P, S, sent_mask, patch_mask, pad_as_zero, _save = inputs
+    P, S, sent_mask, patch_mask, zero_slot, _save = inputs
     _zI, _zT, win_patch, win_sentence = output
-    ctx.save_for_backward(P, S, sent_mask, patch_mask, win_patch, win_sentence)
-    ctx.pad_as_zero = pad_as_zero
+    ctx.save_for_backward(P, S, sent_mask, patch_mask, zero_slot, win_patch, win_sentence)
 
 
 def _late_interaction_backward(ctx, grad_zI, grad_zT, _grad_win_patch, _grad_win_sentence):
-    P, S, sent_mask, patch_mask, win_patch, win_sentence = ctx.saved_tensors
+    P, S, sent_mask, patch_mask, zero_slot, win_patch, win_sentence = ctx.saved_tensors
     grad_P, grad_S = _ops.late_interaction_bwd(
-        grad_zI, grad_zT, P, S, sent_mask, patch_mask, ctx.pad_as_zero, win_patch, win_sentence
+        grad_zI, grad_zT, P, S, sent_mask, patch_mask, zero_slot, win_patch, win_sentence
     )
     needs = ctx.needs_input_grad
     return (grad_P if needs[0] else None, grad_S if needs[1] else None, None, None, None, None)
@@ -208,7 +200,9 @@ def late_interaction(
     save = Bi * Bt * n * _index_dtype(S.shape[1]).itemsize <= limit
     if patch_mask is not None:
         patch_mask = patch_mask.bool()
-    zI, zT, _, _ = _ops.late_interaction_fwd(P, S, sent_mask.bool(), patch_mask, bool(pad_as_zero), save)
+    sent_mask = sent_mask.bool()
+    zero_slot = text_zero_slots(sent_mask, pad_as_zero)
+    zI, zT, _, _ = _ops.late_interaction_fwd(P, S, sent_mask, patch_mask, zero_slot, save)
     return zI, zT
 
 

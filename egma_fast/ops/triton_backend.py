@@ -3,8 +3,8 @@
 Ops (namespace ``egma_fast``), each with a fake implementation so torch.compile traces through them
 without a graph break, and autograd registered on the forward ops:
 
-    triton_late_interaction_fwd(P, S, sent_mask, patch_mask, pad_as_zero) -> (zI, zT, win)
-    triton_late_interaction_bwd(dzI, dzT, P, S, sent_mask, patch_mask, win, pad_as_zero) -> (dP, dS)
+    triton_late_interaction_fwd(P, S, sent_mask, patch_mask, zero_slot) -> (zI, zT, win)
+    triton_late_interaction_bwd(dzI, dzT, P, S, sent_mask, patch_mask, zero_slot, win) -> (dP, dS)
     triton_cross_map_fwd(P, S, sent_mask, GS, use_gaze, theta, alpha, <options>) -> (terms, A0, lse_col)
     triton_cross_map_bwd(gterms, P, S, sent_mask, GS, use_gaze, theta, alpha, A0, lse_col, <options>)
         -> (dP, dS, dalpha_per_instance)
@@ -30,6 +30,7 @@ import torch
 import triton  # noqa: F401  (ImportError here: the registry logs one line and falls back)
 
 from egma_fast import reference
+from egma_fast.ops.arguments import text_zero_slots
 from egma_fast.ops.registry import Backend, register_backend
 from egma_fast.reference import CrossMapParams, CrossMapTerms
 
@@ -87,13 +88,14 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # late_interaction
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("egma_fast::triton_late_interaction_fwd", mutates_args=())
-def _li_fwd(P: Tensor, S: Tensor, sent_mask: Tensor, patch_mask: Tensor, pad_as_zero: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _li_fwd(P: Tensor, S: Tensor, sent_mask: Tensor, patch_mask: Tensor, zero_slot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """zI, zT [Bi, Bt] fp32 and the winning patch per (image, text, slot) [Bi, Bt, M]."""
-    return _li.late_interaction_forward(P, S, sent_mask.view(torch.uint8), patch_mask.view(torch.uint8), pad_as_zero)
+    return _li.late_interaction_forward(P, S, sent_mask.view(torch.uint8), patch_mask.view(torch.uint8),
+                                        zero_slot.view(torch.uint8))
 
 
 @_li_fwd.register_fake
-def _li_fwd_fake(P, S, sent_mask, patch_mask, pad_as_zero):
+def _li_fwd_fake(P, S, sent_mask, patch_mask, zero_slot):
     Bi, n, _ = P.shape
     Bt, M, _ = S.shape
     return (P.new_empty(Bi, Bt, dtype=torch.float32), P.new_empty(Bi, Bt, dtype=torch.float32),
@@ -101,30 +103,29 @@ def _li_fwd_fake(P, S, sent_mask, patch_mask, pad_as_zero):
 
 
 @torch.library.custom_op("egma_fast::triton_late_interaction_bwd", mutates_args=())
-def _li_bwd(dzI: Tensor, dzT: Tensor, P: Tensor, S: Tensor, sent_mask: Tensor, patch_mask: Tensor, win: Tensor,
-            pad_as_zero: bool) -> tuple[Tensor, Tensor]:
+def _li_bwd(dzI: Tensor, dzT: Tensor, P: Tensor, S: Tensor, sent_mask: Tensor, patch_mask: Tensor, zero_slot: Tensor,
+            win: Tensor) -> tuple[Tensor, Tensor]:
     """dP [Bi, n, d], dS [Bt, M, d] in the features' dtype."""
     return _li.late_interaction_backward(dzI, dzT, P, S, sent_mask.view(torch.uint8), patch_mask.view(torch.uint8),
-                                         win, pad_as_zero)
+                                         zero_slot.view(torch.uint8), win)
 
 
 @_li_bwd.register_fake
-def _li_bwd_fake(dzI, dzT, P, S, sent_mask, patch_mask, win, pad_as_zero):
+def _li_bwd_fake(dzI, dzT, P, S, sent_mask, patch_mask, zero_slot, win):
     return torch.empty_like(P), torch.empty_like(S)
 
 
 def _li_setup(ctx, inputs, output) -> None:
-    P, S, sent_mask, patch_mask, pad_as_zero = inputs
-    ctx.save_for_backward(P, S, sent_mask, patch_mask, output[2])
-    ctx.pad_as_zero = pad_as_zero
+    P, S, sent_mask, patch_mask, zero_slot = inputs
+    ctx.save_for_backward(P, S, sent_mask, patch_mask, zero_slot, output[2])
 
 
 def _li_backward(ctx, dzI, dzT, _dwin):
-    P, S, sent_mask, patch_mask, win = ctx.saved_tensors
+    P, S, sent_mask, patch_mask, zero_slot, win = ctx.saved_tensors
     Bi, Bt = P.shape[0], S.shape[0]
     dzI = P.new_zeros(Bi, Bt, dtype=torch.float32) if dzI is None else dzI.to(torch.float32).contiguous()
     dzT = P.new_zeros(Bi, Bt, dtype=torch.float32) if dzT is None else dzT.to(torch.float32).contiguous()
-    dP, dS = _li_bwd(dzI, dzT, P, S, sent_mask, patch_mask, win, ctx.pad_as_zero)
+    dP, dS = _li_bwd(dzI, dzT, P, S, sent_mask, patch_mask, zero_slot, win)
     return dP, dS, None, None, None
 
 
@@ -171,7 +172,8 @@ def late_interaction(
     if patch_mask is None:
         patch_mask = torch.ones(Bi, n, dtype=torch.bool, device=P.device)
     P, S = _features(P, S)
-    zI, zT, _ = _li_fwd(P, S, sent_mask.contiguous(), patch_mask.contiguous(), bool(pad_as_zero))
+    zero_slot = text_zero_slots(sent_mask, pad_as_zero)
+    zI, zT, _ = _li_fwd(P, S, sent_mask.contiguous(), patch_mask.contiguous(), zero_slot)
     return zI, zT
 
 
