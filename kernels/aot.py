@@ -30,7 +30,8 @@ __all__ = ["Variant", "compile_variant", "ptxas_usage", "variants"]
 # feature dtype).
 _ARG_TYPES = {
     "P": "*{f}", "S": "*{f}", "GS": "*{f}", "DP": "*{f}", "DS": "*{f}",
-    "SMASK": "*u8", "PMASK": "*u8", "ZSLOT": "*u8", "USE_GAZE": "*u8", "WIN": "*u8",
+    "SMASK": "*u8", "PMASK": "*u8", "ZSLOT": "*u8", "USE_GAZE": "*u8", "WIN": "*u8", "WIN_T": "*u8", "WIN_I": "*u8",
+    "WSCALE": "*fp32",
     "NVALID": "*i32", "MVALID": "*i32",
     "ZI": "*fp32", "ZT": "*fp32", "DZI": "*fp32", "DZT": "*fp32", "OUT": "*fp32", "THETA": "*fp32", "ALPHA": "*fp32",
     "A0": "*fp32", "TERMS": "*fp32", "LSE_COL": "*fp32", "GTERMS": "*fp32", "DA_FULL": "*fp32", "DA_ROWS": "*fp32",
@@ -59,37 +60,43 @@ class Variant:
         return self.kernel.__name__
 
     def describe(self) -> str:
-        tuned = {k: v for k, v in self.constexprs.items() if k in ("BLOCK_DO", "GROUP_K", "THRESHOLD")}
+        tuned = {k: v for k, v in self.constexprs.items() if k in ("BLOCK_DO", "GROUP_K", "THRESHOLD", "SAVED", "SAVE_WIN_I")}
         return f"{self.name} {tuned} warps={self.num_warps} stages={self.num_stages}"
 
 
-def _expand(op: str, kernel, base: dict, all_configs: bool, ints: dict) -> list[Variant]:
-    """One Variant per autotuner config of a launcher's kernel (every launcher autotunes on a GPU)."""
-    if not hasattr(kernel, "configs"):
-        raise RuntimeError("kernels.aot needs the GPU launchers' autotuners: run without TRITON_INTERPRET=1")
+def _expand(op: str, kernel, base: dict, all_configs: bool, ints: dict, configs: list | None = None) -> list[Variant]:
+    """One Variant per launch config of a kernel: ``configs`` (the late-interaction tuners' lists) or
+    the kernel's own autotuner configs (every launcher tunes on a GPU)."""
+    if configs is None:
+        if not hasattr(kernel, "configs"):
+            raise RuntimeError("kernels.aot needs the GPU launchers' autotuners: run without TRITON_INTERPRET=1")
+        configs = kernel.configs
     fn = kernel
     while not isinstance(fn, triton.runtime.JITFunction):  # autotuner (or heuristics) wrappers
         fn = fn.fn
-    configs = kernel.configs if all_configs else kernel.configs[:1]
+    configs = configs if all_configs else configs[:1]
     return [Variant(op, fn, {**base, **cfg.kwargs}, cfg.num_warps, cfg.num_stages, ints) for cfg in configs]
 
 
 def variants(n: int, M: int, d: int, dtype: torch.dtype, *, ops: tuple[str, ...] = ("late_interaction", "cross_map"),
-             all_configs: bool = True) -> list[Variant]:
+             all_configs: bool = True, modes: bool = True) -> list[Variant]:
     """Every kernel launch the GPU launchers can make for features of this (n, M, d, dtype):
-    the launchers' fixed block sizes, each autotuner config (only the first with
-    ``all_configs=False``), and for cross_map both weight rules with every term enabled (its
-    largest code paths)."""
+    the launchers' fixed block sizes, each tuning config (only the first with
+    ``all_configs=False``), late interaction with saved and (``modes``) recomputed winners, and for
+    cross_map both weight rules with every term enabled (its largest code paths)."""
     out: list[Variant] = []
     ints = dict(n=n, M=M, d=d, sPb=n * d, sPn=d, sSb=M * d, sSm=d)
     if "late_interaction" in ops:
         b = li.li_blocks(n, M, d, dtype)
         tiles = dict(BLOCK_N=b.BLOCK_N, BLOCK_T=b.BLOCK_T, M_PAD=b.M_PAD, BLOCK_D=b.BLOCK_D,
                      DOT_PREC=dot_precision(dtype))
-        out += _expand("late_interaction", li._fwd, tiles, all_configs, ints)
-        grads = dict(tiles, GRAD_MODE=grad_mode(dtype))
-        out += _expand("late_interaction", li._bwd_dp, grads, all_configs, ints)
-        out += _expand("late_interaction", li._bwd_ds, grads, all_configs, ints)
+        # The default mode (winners saved) first; the low-memory mode's recomputing variants after.
+        for saved in (True, False) if modes else (True,):
+            out += _expand("late_interaction", li._li_fwd_kernel, dict(tiles, SAVE_WIN_I=saved), all_configs, ints,
+                           li.FWD_CONFIGS)
+            grads = dict(tiles, GRAD_MODE=li.weight_mode(dtype), SAVED=saved)
+            out += _expand("late_interaction", li._li_bwd_dp_kernel, grads, all_configs, ints, li.DP_CONFIGS)
+            out += _expand("late_interaction", li._li_bwd_ds_kernel, grads, all_configs, ints, li.DS_CONFIGS)
     if "cross_map" in ops:
         c = cm.cm_blocks(n, M, d, dtype)
         out += _expand("cross_map", cm._scores, dict(R1=c.R1, M_PAD=c.M_PAD, BLOCK_D=c.BLOCK_D,

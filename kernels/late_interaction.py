@@ -3,21 +3,31 @@ Bi x Bt x n x M similarity tensor.
 
 Contract: egma_fast.reference.late_interaction (unscaled; alpha is applied by the caller).
 
-Tiling. A similarity tile X [BLOCK_N patches, BLOCK_L = BLOCK_T texts x M_PAD slots] of one image
-against a block of texts is always computed by :func:`_scores_tile`: the same loop over d in
-BLOCK_D chunks in every kernel, so the backward's recomputed tile (and therefore its argmax) is the
-forward's bitwise. Column (l, j) of a tile is sentence slot j of text l; slots j >= M (power-of-two
-padding) never exist, slots j < M with sent_mask False are masked.
+Tiles. A similarity tile X [BLOCK_N patches, BLOCK_L = BLOCK_T texts x M_PAD slots] of one image
+against a block of texts is computed by :func:`_scores_tile`, always with the same loop over d in
+BLOCK_D chunks, so a recomputed tile (low-memory mode) is bitwise the forward's. Column (l, j) of a
+tile is sentence slot j of text l; slots j >= M (power-of-two padding) never exist, slots j < M
+with sent_mask False are masked.
 
-Forward   (grid Bi x text blocks, in GEMM-style groups of images for L2 reuse): loop over patch
-          chunks; image side: max over each text's slots per patch, summed into zI; text side:
-          per-slot running max and argmax over patches. Saves the winning patch per (k, l, slot)
-          (uint8 / int16 / int32) for the backward.
-Backward  dP (grid Bi x patch blocks x d-out blocks) loops over every text block; dS (grid text
-          blocks x d-out blocks x image splits) loops over the images of its split. Both recompute
-          the tile, build the sparse gradient tile G (dzI/n_valid at each patch's winning slot,
-          dzT/m_l at each slot's winning patch) and multiply it by S (dP) or P (dS) on the tensor
-          cores. Each gradient element is written once (no atomics): deterministic.
+Forward   (grid Bi x text blocks, in GEMM-style groups of images for L2 reuse) loops over the
+          image's patch chunks: image side, the max over each text's slots per patch (floored at 0
+          for texts with a zero slot), summed into zI; text side, the running max and first argmax
+          over patches per slot, into zT. Saves the winners: the winning patch per (k, l, slot)
+          always, and the winning slot per (k, l, patch) unless in low-memory mode (M marks "the
+          zero slot won"). Both are 1-byte for n, M < 256: Bi Bt (n + M) bytes in all.
+Backward  two destination-owned GEMMs with a one-hot weight tile W built in registers from the
+          saved winners: W[i, (l, j)] = dzI[k, l] / n_valid at each patch's winning slot, plus
+          dzT[k, l] / m_l at each slot's winning patch. dP = W S (grid Bi x patch chunks x d-out
+          blocks, looping over text blocks) and dS = W^T P (grid text blocks x d-out blocks x image
+          splits, looping over images). 2U of matmul work for the forward's U; each gradient element
+          is written by one program (no atomics): deterministic. In low-memory mode the image-side
+          winners are recomputed from the tiles instead (another U per d-out block).
+
+W on the tensor cores (GRAD_MODE): fp32 features multiply W in IEEE fp32; bf16 features take W
+rounded once to bf16, as flash-attention does with its probability tile (benchmarks/
+rounding_study.py: gradient errors within 1.8x of PyTorch's own bf16 error, under the 2x rule);
+fp16 features take W scaled by a power of two (so that fp16's exponent range holds it at any batch
+size) and split into hi + lo fp16 halves (single fp16 rounding measured up to 2.04x PyTorch's error).
 """
 from __future__ import annotations
 
@@ -27,29 +37,30 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import dot_precision, grad_mode, interpreting, mixed_dot, next_pow2, pick_block
+from .tuning import PROXY_IMAGES, PROXY_TEXTS, Tuner, launch_options
+from .utils import dot_precision, interpreting, next_pow2, pick_block
 
-__all__ = ["LIBlocks", "li_blocks", "late_interaction_backward", "late_interaction_forward", "winner_dtype"]
+__all__ = ["LIBlocks", "late_interaction_backward", "late_interaction_forward", "li_blocks", "weight_mode"]
 
 
-# One num_warps for all three kernels (ptxas on sm_90: 8 warps keeps the 64 x 64 fp32 tiles and
-# their 3-D max / argmax epilogues in registers; 4 warps spills).
+# One num_warps for every kernel: ptxas on sm_90 keeps the 64 x 128 fp32 tiles and the 3-D max /
+# argmax epilogues in registers at 8 warps. Fixed (never tuned) so that a recomputed tile in the
+# low-memory backward uses the forward's instruction shapes.
 _NUM_WARPS = 8
 
+# GRAD_MODE: how the fp32 weight tile W meets the feature tile on the tensor cores.
+W_FP32, W_BF16, W_FP16_SPLIT = 0, 1, 2
 
-def winner_dtype(n: int) -> torch.dtype:
-    """Smallest integer dtype that holds a patch index < n."""
-    if n <= 255:
-        return torch.uint8
-    if n <= 32767:
-        return torch.int16
-    return torch.int32
+
+def weight_mode(dtype: torch.dtype) -> int:
+    """GRAD_MODE for features of this dtype (see the module docstring)."""
+    return {torch.bfloat16: W_BF16, torch.float16: W_FP16_SPLIT}.get(dtype, W_FP32)
 
 
 @dataclass(frozen=True)
 class LIBlocks:
-    """Tile sizes shared by the forward and both backward kernels (they must agree for the
-    recomputed similarity tiles to be bitwise the forward's)."""
+    """Tile sizes of the similarity tile, shared by every kernel (a recomputed tile must be
+    bitwise the forward's)."""
 
     BLOCK_N: int  # patches per tile
     BLOCK_T: int  # texts per tile
@@ -65,20 +76,20 @@ def li_blocks(n: int, M: int, d: int, dtype: torch.dtype) -> LIBlocks:
         # Small tiles so the interpreter exercises multi-chunk loops and masks on tiny inputs,
         # without paying its per-op cost on thousands of iterations for larger n.
         return LIBlocks(BLOCK_N=8 if n <= 32 else 64, BLOCK_T=2, M_PAD=m_pad, BLOCK_D=16, num_warps=1)
-    # Tensor-core dots need every tile dimension >= 16: BLOCK_T * M_PAD = 64 slots (or M_PAD > 64).
-    block_t = max(1, 64 // m_pad)
-    block_n = pick_block(n, (64, 32, 16))
-    if dtype in (torch.bfloat16, torch.float16) and n > 32:
-        # Hopper's wgmma needs 64-row tiles here (8 warps as 4 x 2); at 32 rows Triton emits the
-        # older mma.sync (the PTX says so: benchmarks/gpu/ptxas_report.py). n = 196 then pads to
-        # 256 rows instead of 224, cheaper than the slower instruction.
-        block_n = 64
-    block_d = 64 if dtype in (torch.bfloat16, torch.float16) else 32
+    # 128 slot columns per tile (8 texts at M = 16): operand reuse like a GEMM's N tile, and every
+    # tensor-core dot dimension >= 16.
+    block_t = max(1, 128 // m_pad)
+    if dtype in (torch.bfloat16, torch.float16):
+        # Hopper's wgmma needs 64-row tiles (8 warps as 4 x 2); at 32 rows Triton emits the older
+        # mma.sync (benchmarks/gpu/ptxas_report.py). n = 196 pads to 256 rows, cheaper than that.
+        block_n, block_d = 64, 64
+    else:
+        block_n, block_d = pick_block(n, (64, 32, 16)), 32
     return LIBlocks(BLOCK_N=block_n, BLOCK_T=block_t, M_PAD=m_pad, BLOCK_D=block_d, num_warps=_NUM_WARPS)
 
 
 # ----------------------------------------------------------------------------------------------
-# Shared tile pieces
+# Tile pieces
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _scores_tile(P, S, k, i, l, j, slot_ok, n, d, sPb, sPn, sSb, sSm,
@@ -98,32 +109,91 @@ def _scores_tile(P, S, k, i, l, j, slot_ok, n, d, sPb, sPn, sSb, sSm,
 
 
 @triton.jit
-def _grad_tile(X, i, p_ok, sv, zslot, win, c_img, c_txt, img_has_patch,
-               BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, M_PAD: tl.constexpr):
-    """Sparse gradient of (zI, zT) with respect to one similarity tile X [BLOCK_N, BLOCK_L]:
-    c_img[col] at each valid patch's first winning slot (none where the text's zero slot wins:
-    zslot [BLOCK_T] and every real slot below 0), plus c_txt[col] at each valid slot's saved
-    winning patch ``win``."""
+def _image_winners(X, sv, zs_t, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, M_PAD: tl.constexpr):
+    """Image side of a tile, per (patch row, text): the max over the text's valid slots, floored at
+    0 for texts with a zero slot (zs_t [BLOCK_T]), and the first slot attaining it; M_PAD where the
+    zero slot wins (ties go to the real slot) or the text has no valid slot."""
     xi = tl.reshape(tl.where(sv[None, :], X, float("-inf")), (BLOCK_N, BLOCK_T, M_PAD))
-    best = tl.argmax(xi, axis=2, tie_break_left=True)
-    best = tl.where(zslot[None, :] & (tl.max(xi, axis=2) < 0), M_PAD, best)
-    # Each column (l, j) sees its text's winning slot: broadcast over the slots, back to 2-D.
-    best = tl.reshape(tl.broadcast_to(best[:, :, None], (BLOCK_N, BLOCK_T, M_PAD)), (BLOCK_N, BLOCK_T * M_PAD))
-    hit = best == (tl.arange(0, BLOCK_T * M_PAD) % M_PAD)[None, :]
-    g = tl.where(hit & sv[None, :] & p_ok[:, None], c_img[None, :], 0.0)
-    g += tl.where((win[None, :].to(tl.int32) == i[:, None]) & sv[None, :] & img_has_patch, c_txt[None, :], 0.0)
-    return g
+    row_max = tl.max(xi, axis=2)
+    # First slot attaining the max: a min over slot indices (lighter than a paired argmax reduction).
+    slot = tl.arange(0, M_PAD)[None, None, :]
+    row_arg = tl.min(tl.where(xi == row_max[:, :, None], slot, M_PAD), axis=2)
+    zero_wins = zs_t[None, :] & (row_max < 0)
+    row_arg = tl.where(zero_wins | (row_max == float("-inf")), M_PAD, row_arg)
+    row_max = tl.where(zero_wins, 0.0, row_max)
+    return row_max, row_arg
+
+
+@triton.jit
+def _slot_hits(row_arg, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, M_PAD: tl.constexpr):
+    """[BLOCK_N, BLOCK_L] bool: column (l, j) is patch row i's winning slot of text l."""
+    best = tl.reshape(tl.broadcast_to(row_arg[:, :, None], (BLOCK_N, BLOCK_T, M_PAD)), (BLOCK_N, BLOCK_T * M_PAD))
+    return best == (tl.arange(0, BLOCK_T * M_PAD) % M_PAD)[None, :]
+
+
+@triton.jit
+def _weight_tile(img_hit, win_t, i, p_ok, sv, c_img, c_txt, img_has_patch):
+    """The one-hot gradient tile W of (zI, zT) with respect to a similarity tile, in either
+    orientation: every argument but img_has_patch comes broadcast to the tile's 2-D shape (patch
+    rows x slot columns for dP, the transpose for dS, so that dS needs no transposed copy).
+    c_img where the patch's winning slot is the slot (img_hit), plus c_txt where the slot's winning
+    patch ``win_t`` is the patch; masked patches, masked slots and patch-less images give 0."""
+    w = tl.where(img_hit & sv & p_ok, c_img, 0.0)
+    w += tl.where((win_t.to(tl.int32) == i) & sv & img_has_patch, c_txt, 0.0)
+    return w
+
+
+@triton.jit
+def _weight_dot(w, feats, acc, scale, GRAD_MODE: tl.constexpr):
+    """acc + W @ feats on the tensor cores, W [R, K] fp32 and feats [K, C] in the features' dtype,
+    with the precision rule of GRAD_MODE (the module docstring). Under W_FP16_SPLIT acc holds the
+    sums times ``scale`` (the caller divides once at the end)."""
+    if GRAD_MODE == 1:
+        acc = tl.dot(w.to(tl.bfloat16), feats, acc)
+    elif GRAD_MODE == 2:
+        ws = w * scale
+        hi = ws.to(tl.float16)
+        acc = tl.dot(hi, feats, acc)
+        acc = tl.dot((ws - hi.to(tl.float32)).to(tl.float16), feats, acc)
+    else:
+        acc = tl.dot(w, feats.to(tl.float32), acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _image_hits(WIN_I, P, S, k, i, l, j, slot_ok, sv, zs_t, Bt, n, d, sPb, sPn, sSb, sSm,
+                SAVED: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+                M_PAD: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Bool tile: slot column (l, j) is patch row i's winning slot of text l, loaded from the
+    forward's saved winners or (low-memory mode) recomputed from the similarity tile.
+    [BLOCK_N, BLOCK_L], or [BLOCK_L, BLOCK_N] when TRANSPOSED."""
+    if SAVED:
+        base = (k * Bt + l.to(tl.int64)) * n
+        if TRANSPOSED:
+            wi = tl.load(WIN_I + base[:, None] + i[None, :], mask=slot_ok[:, None] & (i < n)[None, :], other=0)
+            hit = wi.to(tl.int32) == j[:, None]
+        else:
+            wi = tl.load(WIN_I + base[None, :] + i[:, None], mask=(i < n)[:, None] & slot_ok[None, :], other=0)
+            hit = wi.to(tl.int32) == j[None, :]
+    else:
+        X = _scores_tile(P, S, k, i, l, j, slot_ok, n, d, sPb, sPn, sSb, sSm, BLOCK_N, BLOCK_T * M_PAD, BLOCK_D, DOT_PREC)
+        _, row_arg = _image_winners(X, sv, zs_t, BLOCK_N, BLOCK_T, M_PAD)
+        hit = _slot_hits(row_arg, BLOCK_N, BLOCK_T, M_PAD)
+        if TRANSPOSED:
+            hit = tl.trans(hit)
+    return hit
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["Bi", "Bt"])
-def _li_fwd_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZSLOT, ZI, ZT, WIN,
+def _li_fwd_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZSLOT, ZI, ZT, WIN_T, WIN_I,
                    Bi, Bt, n, M, d, sPb, sPn, sSb, sSm,
-                   BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-                   M_PAD: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, GROUP_K: tl.constexpr):
-    """One program: image k against texts [l0, l0 + BLOCK_T). Writes zI, zT [Bi, Bt] and WIN [Bi, Bt, M].
+                   BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, M_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                   DOT_PREC: tl.constexpr, SAVE_WIN_I: tl.constexpr, GROUP_K: tl.constexpr):
+    """One program: image k against texts [l0, l0 + BLOCK_T). Writes zI, zT [Bi, Bt], WIN_T [Bi, Bt, M]
+    and (SAVE_WIN_I) WIN_I [Bi, Bt, n].
 
     Programs are ordered in groups of GROUP_K images (GEMM-style swizzle): programs that run
     together share a few images' patches and a band of text blocks in L2, so each P_k is read from
@@ -154,10 +224,12 @@ def _li_fwd_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZSLOT, ZI, ZT, WIN,
         p_ok = tl.load(PMASK + k * n + i, mask=i < n, other=0) != 0
         X = _scores_tile(P, S, k, i, l, j, slot_ok, n, d, sPb, sPn, sSb, sSm, BLOCK_N, BLOCK_L, BLOCK_D, DOT_PREC)
         # Image side: each patch's best slot within each text; masked patches / empty texts add 0.
-        xi = tl.where(sv[None, :], X, float("-inf"))
-        row_max = tl.max(tl.reshape(xi, (BLOCK_N, BLOCK_T, M_PAD)), axis=2)
-        row_max = tl.where(zs_t[None, :], tl.maximum(row_max, 0.0), row_max)  # the zero slot
+        row_max, row_arg = _image_winners(X, sv, zs_t, BLOCK_N, BLOCK_T, M_PAD)
         zi += tl.sum(tl.where(p_ok[:, None] & (m_t > 0)[None, :], row_max, 0.0), axis=0)
+        if SAVE_WIN_I:
+            # The zero slot's (or no slot's) win is stored as M: it matches no real slot.
+            out = WIN_I + ((k * Bt + lt.to(tl.int64)) * n)[None, :] + i[:, None]
+            tl.store(out, tl.minimum(row_arg, M).to(WIN_I.dtype.element_ty), mask=(i < n)[:, None] & (lt < Bt)[None, :])
         # Text side: running max / first argmax over valid patches (strict > keeps the earlier chunk).
         xt = tl.where(p_ok[:, None], X, float("-inf"))
         c_max = tl.max(xt, axis=0)
@@ -171,16 +243,15 @@ def _li_fwd_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZSLOT, ZI, ZT, WIN,
     zt = tl.sum(tl.reshape(col_val, (BLOCK_T, M_PAD)), axis=1) / tl.maximum(m_t, 1).to(tl.float32)
     tl.store(ZI + k * Bt + lt, zi, mask=lt < Bt)
     tl.store(ZT + k * Bt + lt, zt, mask=lt < Bt)
-    tl.store(WIN + (k * Bt + l) * M + j, run_arg.to(WIN.dtype.element_ty), mask=slot_ok)
+    tl.store(WIN_T + (k * Bt + l) * M + j, run_arg.to(WIN_T.dtype.element_ty), mask=slot_ok)
 
 
 @triton.jit(do_not_specialize=["Bt"])
-def _li_bwd_dp_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZSLOT, WIN, DZI, DZT, DP,
+def _li_bwd_dp_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZSLOT, WIN_T, WIN_I, DZI, DZT, WSCALE, DP,
                       Bt, n, M, d, sPb, sPn, sSb, sSm,
-                      BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-                      M_PAD: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-                      GRAD_MODE: tl.constexpr, BLOCK_DO: tl.constexpr):
-    """One program: dP[k, patch block, d-out block] = sum over all texts of G_tile @ S_tile."""
+                      BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, M_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                      DOT_PREC: tl.constexpr, GRAD_MODE: tl.constexpr, SAVED: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """One program: dP[k, patch chunk, d-out block] = sum over every text block of W_tile @ S_tile."""
     BLOCK_L: tl.constexpr = BLOCK_T * M_PAD
     k = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -189,6 +260,7 @@ def _li_bwd_dp_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZSLOT, WIN, DZI, DZT, 
     p_ok = tl.load(PMASK + k * n + i, mask=i < n, other=0) != 0
     nv = tl.load(NVALID + k)
     inv_nv = 1.0 / tl.maximum(nv, 1).to(tl.float32)
+    scale = tl.load(WSCALE)
     col = tl.arange(0, BLOCK_L)
     acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
     for l0 in range(0, Bt, BLOCK_T):
@@ -201,24 +273,27 @@ def _li_bwd_dp_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZSLOT, WIN, DZI, DZT, 
         m_l = tl.load(MVALID + l, mask=l < Bt, other=1)
         c_img = tl.load(DZI + k * Bt + l, mask=l < Bt, other=0.0) * inv_nv
         c_txt = tl.load(DZT + k * Bt + l, mask=l < Bt, other=0.0) / tl.maximum(m_l, 1).to(tl.float32)
-        win = tl.load(WIN + (k * Bt + l) * M + j, mask=slot_ok, other=0)
-        X = _scores_tile(P, S, k, i, l, j, slot_ok, n, d, sPb, sPn, sSb, sSm, BLOCK_N, BLOCK_L, BLOCK_D, DOT_PREC)
-        G = _grad_tile(X, i, p_ok, sv, zs_t, win, c_img, c_txt, nv > 0, BLOCK_N, BLOCK_T, M_PAD)
+        win_t = tl.load(WIN_T + (k * Bt + l) * M + j, mask=slot_ok, other=0)
+        hit = _image_hits(WIN_I, P, S, k, i, l, j, slot_ok, sv, zs_t, Bt, n, d, sPb, sPn, sSb, sSm,
+                          SAVED, False, BLOCK_N, BLOCK_T, M_PAD, BLOCK_D, DOT_PREC)
+        w = _weight_tile(hit, win_t[None, :], i[:, None], p_ok[:, None], sv[None, :], c_img[None, :], c_txt[None, :],
+                         nv > 0)
         s_out = tl.load(S + l.to(tl.int64)[:, None] * sSb + j[:, None] * sSm + do[None, :],
                         mask=slot_ok[:, None] & do_ok[None, :], other=0.0)
-        acc = mixed_dot(G, s_out, acc, GRAD_MODE)
+        acc = _weight_dot(w, s_out, acc, scale, GRAD_MODE)
+    if GRAD_MODE == 2:
+        acc = acc / scale
     tl.store(DP + k * sPb + i.to(tl.int64)[:, None] * sPn + do[None, :], acc.to(DP.dtype.element_ty),
              mask=(i < n)[:, None] & do_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["Bi", "Bt", "k_per_split"])
-def _li_bwd_ds_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZSLOT, WIN, DZI, DZT, OUT,
+def _li_bwd_ds_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZSLOT, WIN_T, WIN_I, DZI, DZT, WSCALE, OUT,
                       Bi, Bt, n, M, d, sPb, sPn, sSb, sSm, k_per_split,
-                      BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-                      M_PAD: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-                      GRAD_MODE: tl.constexpr, BLOCK_DO: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, M_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                      DOT_PREC: tl.constexpr, GRAD_MODE: tl.constexpr, SAVED: tl.constexpr, BLOCK_DO: tl.constexpr):
     """One program: OUT[split, text block, d-out block] = sum over the split's images and all their
-    patch chunks of G_tile^T @ P_tile. OUT is dS itself ([Bt, M, d]) when there is one split, else an
+    patch chunks of W_tile^T @ P_tile (W^T built directly, slots x patches). OUT is dS itself ([Bt, M, d]) when there is one split, else an
     fp32 [splits, Bt, M, d] buffer summed afterwards (in a fixed order: still deterministic)."""
     BLOCK_L: tl.constexpr = BLOCK_T * M_PAD
     l0 = tl.program_id(0) * BLOCK_T
@@ -234,48 +309,57 @@ def _li_bwd_ds_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZSLOT, WIN, DZI, DZT, 
     zs_t = tl.load(ZSLOT + lt, mask=lt < Bt, other=0) != 0
     m_l = tl.load(MVALID + l, mask=l < Bt, other=1)
     inv_m = 1.0 / tl.maximum(m_l, 1).to(tl.float32)
+    scale = tl.load(WSCALE)
     acc = tl.zeros((BLOCK_L, BLOCK_DO), dtype=tl.float32)
+    # One loop over (image, patch chunk) steps, so that num_stages pipelines the loads across
+    # images too (at n <= BLOCK_N an image is a single step).
+    chunks = tl.cdiv(n, BLOCK_N)
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, Bi)
-    for kk in range(k_lo, k_hi):
-        k = tl.cast(kk, tl.int64)
+    for step in range(k_lo * chunks, k_hi * chunks):
+        k = tl.cast(step // chunks, tl.int64)
+        i = (step % chunks) * BLOCK_N + tl.arange(0, BLOCK_N)
         nv = tl.load(NVALID + k)
         c_img = tl.load(DZI + k * Bt + l, mask=l < Bt, other=0.0) / tl.maximum(nv, 1).to(tl.float32)
         c_txt = tl.load(DZT + k * Bt + l, mask=l < Bt, other=0.0) * inv_m
-        win = tl.load(WIN + (k * Bt + l) * M + j, mask=slot_ok, other=0)
-        for i0 in range(0, n, BLOCK_N):
-            i = i0 + tl.arange(0, BLOCK_N)
-            p_ok = tl.load(PMASK + k * n + i, mask=i < n, other=0) != 0
-            X = _scores_tile(P, S, k, i, l, j, slot_ok, n, d, sPb, sPn, sSb, sSm, BLOCK_N, BLOCK_L, BLOCK_D, DOT_PREC)
-            G = _grad_tile(X, i, p_ok, sv, zs_t, win, c_img, c_txt, nv > 0, BLOCK_N, BLOCK_T, M_PAD)
-            p_out = tl.load(P + k * sPb + i.to(tl.int64)[:, None] * sPn + do[None, :],
-                            mask=(i < n)[:, None] & do_ok[None, :], other=0.0)
-            acc = mixed_dot(tl.trans(G), p_out, acc, GRAD_MODE)
+        win_t = tl.load(WIN_T + (k * Bt + l) * M + j, mask=slot_ok, other=0)
+        p_ok = tl.load(PMASK + k * n + i, mask=i < n, other=0) != 0
+        hit = _image_hits(WIN_I, P, S, k, i, l, j, slot_ok, sv, zs_t, Bt, n, d, sPb, sPn, sSb, sSm,
+                          SAVED, True, BLOCK_N, BLOCK_T, M_PAD, BLOCK_D, DOT_PREC)
+        w_t = _weight_tile(hit, win_t[:, None], i[None, :], p_ok[None, :], sv[:, None], c_img[:, None], c_txt[:, None],
+                           nv > 0)
+        p_out = tl.load(P + k * sPb + i.to(tl.int64)[:, None] * sPn + do[None, :],
+                        mask=(i < n)[:, None] & do_ok[None, :], other=0.0)
+        acc = _weight_dot(w_t, p_out, acc, scale, GRAD_MODE)
+    if GRAD_MODE == 2:
+        acc = acc / scale
     out = OUT + split.to(tl.int64) * Bt * M * d + (l.to(tl.int64)[:, None] * M + j[:, None]) * d + do[None, :]
     tl.store(out, acc.to(OUT.dtype.element_ty), mask=slot_ok[:, None] & do_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch configuration: autotuned on GPUs (keyed on n, M, d and the dtypes, never on the batch
-# sizes), fixed under the interpreter. Only launch parameters that leave the similarity tile's
-# arithmetic unchanged are tuned (stages; the backward's d-out block), and num_warps is fixed per
-# LIBlocks, so every kernel recomputes the forward's tiles bitwise.
+# Launch configuration: on a GPU each kernel's config is picked per (device, n, M, d, dtype, mode)
+# by kernels.tuning.Tuner on a bounded proxy of the call (the first call at B = 16384 costs what
+# one at B = 256 does); fixed under the interpreter. Only launch parameters that leave the
+# similarity tile's arithmetic unchanged are tuned (stages, the image grouping, the d-out block),
+# so a recomputed tile is bitwise the forward's.
 # ----------------------------------------------------------------------------------------------
-_KEY = ["n", "M", "d"]
+def _configs(name: str, pairs) -> list[triton.Config]:
+    return [triton.Config({name: value}, num_warps=_NUM_WARPS, num_stages=stages) for value, stages in pairs]
 
 
-def _tuned(kernel, configs):
-    return kernel if interpreting() else triton.autotune(configs=configs, key=_KEY)(kernel)
+# Every config here compiles without register spills for bf16 / fp16 at n in {49, 196}, M = 16,
+# d = 512 on sm_90 (tests/test_triton_compile.py; benchmarks/gpu/ptxas_report.py): d-out blocks of
+# 256 spill in the dS kernel (its [128, BLOCK_DO] accumulator) and with 3 stages in the dP kernel.
+FWD_CONFIGS = _configs("GROUP_K", [(4, 3), (8, 3), (4, 4), (8, 4)])
+DP_CONFIGS = _configs("BLOCK_DO", [(128, 2), (128, 3), (256, 2)])
+DS_CONFIGS = _configs("BLOCK_DO", [(64, 2), (64, 3), (128, 2), (128, 3)])
+_FWD_TUNER = Tuner("late_interaction forward", FWD_CONFIGS)
+_DP_TUNER = Tuner("late_interaction dP", DP_CONFIGS)
+_DS_TUNER = Tuner("late_interaction dS", DS_CONFIGS)
 
-
-_fwd = _tuned(_li_fwd_kernel,
-              [triton.Config({"GROUP_K": g}, num_warps=_NUM_WARPS, num_stages=s) for g in (4, 8) for s in (2, 3, 4)])
-_bwd_configs = [triton.Config({"BLOCK_DO": bdo}, num_warps=_NUM_WARPS, num_stages=s) for bdo in (64, 128, 256) for s in (2, 3)]
-_bwd_dp = _tuned(_li_bwd_dp_kernel, _bwd_configs)
-_bwd_ds = _tuned(_li_bwd_ds_kernel, _bwd_configs)
-
-_INTERPRET_BLOCK_DO = 32
-_INTERPRET_GROUP_K = 2
+_INTERPRET_FWD = triton.Config({"GROUP_K": 2}, num_warps=1, num_stages=1)
+_INTERPRET_BWD = triton.Config({"BLOCK_DO": 32}, num_warps=1, num_stages=1)
 
 #: Tests may force the number of image splits of the dS kernel (None: heuristic).
 FORCE_DS_SPLITS: int | None = None
@@ -293,41 +377,75 @@ def _ds_splits(Bi: int, Bt: int, blocks: LIBlocks, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * sms, text_blocks), Bi // 16 or 1))
 
 
-def _common(P: torch.Tensor, S: torch.Tensor, blocks: LIBlocks) -> dict:
-    return dict(BLOCK_N=blocks.BLOCK_N, BLOCK_T=blocks.BLOCK_T, M_PAD=blocks.M_PAD,
-                BLOCK_D=blocks.BLOCK_D, DOT_PREC=dot_precision(P.dtype))
+def _tiles(P: torch.Tensor, blocks: LIBlocks) -> dict:
+    return dict(BLOCK_N=blocks.BLOCK_N, BLOCK_T=blocks.BLOCK_T, M_PAD=blocks.M_PAD, BLOCK_D=blocks.BLOCK_D,
+                DOT_PREC=dot_precision(P.dtype))
+
+
+def _key(P: torch.Tensor, S: torch.Tensor, *modes) -> tuple:
+    return (P.device.index, P.shape[1], S.shape[1], P.shape[2], P.dtype, *modes)
+
+
+def _valid_counts(smask: torch.Tensor, pmask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return pmask.sum(1, dtype=torch.int32), smask.sum(1, dtype=torch.int32)
 
 
 def late_interaction_forward(
-    P: torch.Tensor, S: torch.Tensor, smask: torch.Tensor, pmask: torch.Tensor, zslot: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward. P [Bi, n, d], S [Bt, M, d] contiguous (same float dtype); smask [Bt, M],
-    pmask [Bi, n] and zslot [Bt] (texts with a zero slot) uint8. Returns zI, zT [Bi, Bt] fp32 and WIN [Bi, Bt, M] (winner_dtype(n))."""
+    P: torch.Tensor, S: torch.Tensor, smask: torch.Tensor, pmask: torch.Tensor, zslot: torch.Tensor,
+    patch_index: torch.dtype, slot_index: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward.
+
+    P [Bi, n, d], S [Bt, M, d] contiguous (same float dtype); smask [Bt, M], pmask [Bi, n] and zslot
+    [Bt] (texts with a zero slot) uint8. ``patch_index`` / ``slot_index``: integer dtypes holding
+    0..n-1 and 0..M; slot_index None skips saving the image-side winners (low-memory mode).
+    Returns zI, zT [Bi, Bt] fp32, WIN_T [Bi, Bt, M] (winning patch per slot) and WIN_I [Bi, Bt, n]
+    (winning slot per patch, M where none or the zero slot won; an empty [0] tensor when not saved).
+    """
     Bi, n, d = P.shape
     Bt, M, _ = S.shape
     blocks = li_blocks(n, M, d, P.dtype)
+    save = slot_index is not None
     zI = torch.empty(Bi, Bt, device=P.device, dtype=torch.float32)
     zT = torch.empty(Bi, Bt, device=P.device, dtype=torch.float32)
-    win = torch.empty(Bi, Bt, M, device=P.device, dtype=winner_dtype(n))
+    win_t = torch.empty(Bi, Bt, M, device=P.device, dtype=patch_index)
+    win_i = torch.empty((Bi, Bt, n) if save else (0,), device=P.device, dtype=slot_index or torch.uint8)
     if Bi == 0 or Bt == 0:
-        return zI, zT, win
-    nvalid = pmask.sum(1, dtype=torch.int32)
-    mvalid = smask.sum(1, dtype=torch.int32)
-    meta = _common(P, S, blocks)
+        return zI, zT, win_t, win_i
+    tiles = dict(_tiles(P, blocks), SAVE_WIN_I=save)
+
+    def launch(bi: int, bt: int, outs, config: triton.Config) -> None:
+        nvalid, mvalid = _valid_counts(smask[:bt], pmask[:bi])
+        grid = (bi * triton.cdiv(bt, blocks.BLOCK_T),)
+        _li_fwd_kernel[grid](P, S, smask, pmask, nvalid, mvalid, zslot, *outs,
+                             bi, bt, n, M, d, P.stride(0), P.stride(1), S.stride(0), S.stride(1),
+                             **tiles, **launch_options(config))
+
     if interpreting():
-        meta.update(num_warps=blocks.num_warps, GROUP_K=_INTERPRET_GROUP_K)
-    grid = (Bi * triton.cdiv(Bt, blocks.BLOCK_T),)
-    _fwd[grid](P, S, smask, pmask, nvalid, mvalid, zslot, zI, zT, win,
-               Bi, Bt, n, M, d, P.stride(0), P.stride(1), S.stride(0), S.stride(1), **meta)
-    return zI, zT, win
+        config = _INTERPRET_FWD
+    else:
+        bi, bt = min(Bi, PROXY_IMAGES), min(Bt, PROXY_TEXTS)
+        proxy = (zI[:bi, :bt].contiguous(), zT[:bi, :bt].contiguous(), win_t[:bi, :bt].contiguous(),
+                 win_i[:bi, :bt].contiguous() if save else win_i)
+        config = _FWD_TUNER.pick(_key(P, S, save), lambda cfg: launch(bi, bt, proxy, cfg))
+    launch(Bi, Bt, (zI, zT, win_t, win_i), config)
+    return zI, zT, win_t, win_i
+
+
+def _weight_scale(dzI: torch.Tensor, dzT: torch.Tensor) -> torch.Tensor:
+    """A power of two that brings the weight tile's largest entry (<= |dzI| + |dzT|) near 1, so that
+    fp16's exponent range holds W at any batch size; a one-element fp32 tensor (no host sync)."""
+    peak = dzI.abs().amax() + dzT.abs().amax()
+    scale = torch.exp2(-torch.ceil(torch.log2(peak)))
+    return torch.where(peak > 0, scale, torch.ones_like(scale)).reshape(1).float()
 
 
 def late_interaction_backward(
     dzI: torch.Tensor, dzT: torch.Tensor, P: torch.Tensor, S: torch.Tensor, smask: torch.Tensor,
-    pmask: torch.Tensor, zslot: torch.Tensor, win: torch.Tensor
+    pmask: torch.Tensor, zslot: torch.Tensor, win_t: torch.Tensor, win_i: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the two backward kernels. dzI, dzT [Bi, Bt] fp32 contiguous. Returns dP, dS in the
-    features' dtype."""
+    """Launch the two backward kernels. dzI, dzT [Bi, Bt] fp32 contiguous; win_t, win_i the forward's
+    winners (win_i empty: recompute them, low-memory mode). Returns dP, dS in the features' dtype."""
     Bi, n, d = P.shape
     Bt, M, _ = S.shape
     blocks = li_blocks(n, M, d, P.dtype)
@@ -335,22 +453,40 @@ def late_interaction_backward(
     dS = torch.empty_like(S)
     if Bi == 0 or Bt == 0:
         return dP.zero_(), dS.zero_()
-    nvalid = pmask.sum(1, dtype=torch.int32)
-    mvalid = smask.sum(1, dtype=torch.int32)
-    meta = _common(P, S, blocks)
-    meta["GRAD_MODE"] = grad_mode(P.dtype)
-    if interpreting():
-        meta.update(num_warps=blocks.num_warps, BLOCK_DO=_INTERPRET_BLOCK_DO)
+    saved = win_i.dim() == 3
+    mode = weight_mode(P.dtype)
+    wscale = _weight_scale(dzI, dzT) if mode == W_FP16_SPLIT else torch.ones(1, device=P.device)
+    meta = dict(_tiles(P, blocks), GRAD_MODE=mode, SAVED=saved)
     strides = (P.stride(0), P.stride(1), S.stride(0), S.stride(1))
-
-    grid_dp = lambda meta_: (Bi, triton.cdiv(n, blocks.BLOCK_N), triton.cdiv(d, meta_["BLOCK_DO"]))  # noqa: E731
-    _bwd_dp[grid_dp](P, S, smask, pmask, nvalid, mvalid, zslot, win, dzI, dzT, dP, Bt, n, M, d, *strides, **meta)
-
     splits = _ds_splits(Bi, Bt, blocks, P.device)
+
+    def launch_dp(bi: int, bt: int, out: torch.Tensor, config: triton.Config) -> None:
+        nvalid, mvalid = _valid_counts(smask[:bt], pmask[:bi])
+        grid = (bi, triton.cdiv(n, blocks.BLOCK_N), triton.cdiv(d, config.kwargs["BLOCK_DO"]))
+        _li_bwd_dp_kernel[grid](P, S, smask, pmask, nvalid, mvalid, zslot, win_t, win_i, dzI, dzT, wscale, out,
+                                bt, n, M, d, *strides, **meta, **launch_options(config))
+
+    def launch_ds(bi: int, bt: int, splits_: int, out: torch.Tensor, config: triton.Config) -> None:
+        nvalid, mvalid = _valid_counts(smask[:bt], pmask[:bi])
+        grid = (triton.cdiv(bt, blocks.BLOCK_T), triton.cdiv(d, config.kwargs["BLOCK_DO"]), splits_)
+        _li_bwd_ds_kernel[grid](P, S, smask, pmask, nvalid, mvalid, zslot, win_t, win_i, dzI, dzT, wscale, out,
+                                bi, bt, n, M, d, *strides, triton.cdiv(bi, splits_), **meta, **launch_options(config))
+
+    if interpreting():
+        cfg_dp = cfg_ds = _INTERPRET_BWD
+    else:
+        # Proxies: the leading bi images and bt texts. The kernels then index the winners and the
+        # upstream gradients as if the batch were bi x bt: other (in-bounds) entries than the real
+        # call's, which changes nothing the timing depends on; the outputs are scratch.
+        bi, bt = min(Bi, PROXY_IMAGES), min(Bt, PROXY_TEXTS)
+        key = _key(P, S, mode, saved)
+        cfg_dp = _DP_TUNER.pick(key, lambda c: launch_dp(bi, bt, torch.empty_like(P[:bi]), c))
+        proxy_splits = _ds_splits(bi, bt, blocks, P.device)
+        buf = torch.empty(proxy_splits, bt, M, d, device=P.device, dtype=torch.float32)
+        cfg_ds = _DS_TUNER.pick(key, lambda c: launch_ds(bi, bt, proxy_splits, buf, c))
+    launch_dp(Bi, Bt, dP, cfg_dp)
     out = dS if splits == 1 else torch.empty(splits, Bt, M, d, device=S.device, dtype=torch.float32)
-    grid_ds = lambda meta_: (triton.cdiv(Bt, blocks.BLOCK_T), triton.cdiv(d, meta_["BLOCK_DO"]), splits)  # noqa: E731
-    _bwd_ds[grid_ds](P, S, smask, pmask, nvalid, mvalid, zslot, win, dzI, dzT, out,
-                     Bi, Bt, n, M, d, *strides, triton.cdiv(Bi, splits), **meta)
+    launch_ds(Bi, Bt, splits, out, cfg_ds)
     if splits > 1:
         dS = out.sum(0).to(S.dtype)
     return dP, dS

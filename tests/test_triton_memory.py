@@ -58,39 +58,46 @@ def _fwd_bwd(fn, P, S, *args):
     sum((o * (k + 1)).sum() for k, o in enumerate(out)).backward()
 
 
+@pytest.mark.parametrize("low_memory", [False, True], ids=["saved", "low_memory"])
 @pytest.mark.parametrize("splits", [1, 2])
-def test_late_interaction_memory(monkeypatch, splits: int) -> None:
+def test_late_interaction_memory(monkeypatch, splits: int, low_memory: bool) -> None:
     monkeypatch.setattr(tb._li, "FORCE_DS_SPLITS", splits)
     B, n, M, d = 8, 40, 8, 8  # B^2 n M = 20480 dominates B^2 M = 512 and B (n + M) d = 3072
     big = B * B * n * M
+    # fp32 elements, plus the 1-byte winners: B^2 M always, B^2 n unless in low-memory mode.
     small = B * B * M + B * (n + M) * d
+    winner_bytes = B * B * (M + (0 if low_memory else n))
     case = make_case("mem", B, B, n, M, d, mask_kind="scattered", device=DEVICE)
     smask = case.mask.view(torch.uint8)
     pmask = torch.ones(B, n, dtype=torch.uint8, device=DEVICE)
+    zslot = torch.zeros(B, dtype=torch.uint8, device=DEVICE)
     dz = torch.randn(B, B, device=DEVICE)
 
     # Every tensor the launchers allocate, forward and backward (fp32: 4 bytes per element).
-    inputs = (case.P, case.S, smask, pmask, dz)
+    inputs = (case.P, case.S, smask, pmask, zslot, dz)
+    slot_index = None if low_memory else torch.uint8
     with PeakMemory(DEVICE) as pm, LargestNewStorage(*inputs) as largest:
-        zI, zT, win = tb._li.late_interaction_forward(case.P, case.S, smask, pmask, True)
-        dP, dS = tb._li.late_interaction_backward(dz, dz, case.P, case.S, smask, pmask, win, True)
+        zI, zT, win_t, win_i = tb._li.late_interaction_forward(case.P, case.S, smask, pmask, zslot, torch.uint8, slot_index)
+        dP, dS = tb._li.late_interaction_backward(dz, dz, case.P, case.S, smask, pmask, zslot, win_t, win_i)
     assert largest.largest_bytes < 4 * big / 4, f"largest tensor {largest.largest_bytes} bytes vs B^2 n M = {big} elements"
-    assert pm.peak_bytes <= 4 * 4 * small, f"peak {pm.peak_bytes} bytes vs 4 x fp32 O(B^2 M + B (n + M) d) = {4 * 4 * small}"
-    assert win.dtype == torch.uint8 and win.shape == (B, B, M)
+    bound = 4 * 4 * small + winner_bytes
+    assert pm.peak_bytes <= bound, f"peak {pm.peak_bytes} bytes vs 4 x fp32 O(B^2 M + B (n + M) d) + winners = {bound}"
+    assert win_t.dtype == torch.uint8 and win_t.shape == (B, B, M)
+    assert win_i.shape == ((0,) if low_memory else (B, B, n))
 
     # What autograd keeps for the backward: the inputs (by reference), masks and the uint8 winners.
     P = case.P.clone().requires_grad_()
     S = case.S.clone().requires_grad_()
     with count_saved_tensors() as saved:
-        zI, zT = tb.late_interaction(P, S, case.mask, None, False)
+        zI, zT = tb.late_interaction(P, S, case.mask, None, False, low_memory=low_memory)
     assert saved["largest_numel"] < big / 4
-    assert saved["bytes"] <= 4 * 2 * small, f"saved {saved['bytes']} bytes"
+    assert saved["bytes"] <= 4 * 2 * small + winner_bytes, f"saved {saved['bytes']} bytes"
 
     # Through the op and autograd, the whole step stays small too.
     with PeakMemory(DEVICE) as pm_op, LargestNewStorage(case.P, case.S, case.mask) as largest_op:
-        _fwd_bwd(lambda p, s: tb.late_interaction(p, s, case.mask, None, False), case.P, case.S)
+        _fwd_bwd(lambda p, s: tb.late_interaction(p, s, case.mask, None, False, low_memory=low_memory), case.P, case.S)
     assert largest_op.largest_bytes < 4 * big / 4
-    assert pm_op.peak_bytes <= 4 * 4 * small
+    assert pm_op.peak_bytes <= 4 * 4 * small + winner_bytes
 
     # The same measurement sees the reference's B x B x n x M tensor: the bounds above can fail.
     with PeakMemory(DEVICE) as pm_ref, LargestNewStorage(case.P, case.S, case.mask) as largest_ref:

@@ -55,10 +55,68 @@ LI_CASES = late_interaction_cases(device=DEVICE) + [
 ]
 
 
+def _low_memory():
+    """tb.late_interaction in low-memory mode (image-side winners recomputed in the backward)."""
+    return lambda P, S, mask, pmask=None, pad_as_zero=False: tb.late_interaction(P, S, mask, pmask, pad_as_zero,
+                                                                                 low_memory=True)
+
+
+LI_MODES = {"saved": tb.late_interaction, "low_memory": _low_memory()}
+
+
+@pytest.mark.parametrize("mode", list(LI_MODES))
 @pytest.mark.parametrize("pad_as_zero", [False, True], ids=["pad_inf", "pad_zero"])
 @pytest.mark.parametrize("case", LI_CASES, ids=_ids(LI_CASES))
-def test_late_interaction_matches_reference(case: Case, pad_as_zero: bool) -> None:
-    compare_late_interaction(tb.late_interaction, case, pad_as_zero, **LI_TOL)
+def test_late_interaction_matches_reference(case: Case, pad_as_zero: bool, mode: str) -> None:
+    compare_late_interaction(LI_MODES[mode], case, pad_as_zero, **LI_TOL)
+
+
+def test_late_interaction_low_memory_is_bitwise_saved() -> None:
+    """Recomputing the image-side winners in the backward gives bitwise the saved winners' gradients
+    (the recomputed tiles are the forward's), and saves Bi Bt n bytes less."""
+    case = make_case("bitwise", 5, 6, 13, 7, 40, mask_kind="scattered", ties=True, device=DEVICE)
+    grads = []
+    for fn in LI_MODES.values():
+        P = case.P.clone().requires_grad_()
+        S = case.S.clone().requires_grad_()
+        zI, zT = fn(P, S, case.mask, None, True)
+        g = torch.randn(2, *zI.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+        grads.append(torch.autograd.grad((g[0] * zI).sum() + (g[1] * zT).sum(), (P, S)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    pmask = torch.ones(5, 13, dtype=torch.bool, device=DEVICE)
+    zslot = torch.zeros(6, dtype=torch.bool, device=DEVICE)
+    saved = tb._li_fwd(case.P, case.S, case.mask, pmask, zslot, True)
+    low = tb._li_fwd(case.P, case.S, case.mask, pmask, zslot, False)
+    assert saved[3].shape == (5, 6, 13) and saved[3].dtype == torch.uint8 and low[3].numel() == 0
+    for a, b in zip(saved[:3], low[:3]):
+        assert torch.equal(a, b)
+
+
+def test_late_interaction_saved_winners() -> None:
+    """The saved winners are what the reference's maxima pick: the first maximising patch per slot,
+    the first maximising slot per patch, and M where a shorter text's zero slot wins."""
+    P = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]], device=DEVICE)  # [1, 3, 2]
+    S = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]],   # duplicated first slots: ties
+                      [[-1.0, -1.0], [0.0, 0.0], [0.0, 0.0]]], device=DEVICE)  # one sentence, negative
+    mask = torch.tensor([[True, True, True], [True, False, False]], device=DEVICE)
+    zslot = torch.tensor([False, True], device=DEVICE)
+    pmask = torch.ones(1, 3, dtype=torch.bool, device=DEVICE)
+    _, _, win_t, win_i = tb._li_fwd(P, S, mask, pmask, zslot, True)
+    assert win_t[0, 0].tolist() == [0, 0, 1]  # slot 2 = e2 is won by patch 1
+    assert win_i[0, 0].tolist() == [0, 2, 2]  # patch 0 ties on slots 0 and 1: the first wins
+    # Text 1: patch 0 and 1 score -1 (< 0: the zero slot wins, stored as M = 3), patch 2 scores +1.
+    assert win_i[0, 1].tolist() == [3, 3, 0]
+
+
+def test_late_interaction_index_dtypes() -> None:
+    """M >= 256 slots (int16 slot winners, M as the none marker) and n > 255 patches (int16)."""
+    case = make_case("M300", 2, 2, 3, 300, 4, mask_kind="scattered", device=DEVICE)
+    pmask = torch.ones(2, 3, dtype=torch.bool, device=DEVICE)
+    _, _, win_t, win_i = tb._li_fwd(case.P, case.S, case.mask, pmask, torch.ones(2, dtype=torch.bool, device=DEVICE), True)
+    assert win_t.dtype == torch.uint8 and win_i.dtype == torch.int16
+    assert int(win_i.max()) <= 300
+    compare_late_interaction(tb.late_interaction, case, True, **LI_TOL)
 
 
 @pytest.mark.parametrize("pad_as_zero", [False, True], ids=["pad_inf", "pad_zero"])
@@ -70,7 +128,8 @@ def test_late_interaction_patch_mask(pad_as_zero: bool) -> None:
     pmask[1] = False
     pmask[2, 0] = False
     pmask[2, 3] = True
-    compare_late_interaction(tb.late_interaction, case, pad_as_zero, patch_mask=pmask, **LI_TOL)
+    for fn in LI_MODES.values():
+        compare_late_interaction(fn, case, pad_as_zero, patch_mask=pmask, **LI_TOL)
 
 
 @pytest.mark.parametrize("splits,pad_as_zero", [(2, True), (3, False)])
@@ -78,7 +137,8 @@ def test_late_interaction_ds_image_splits(monkeypatch, splits: int, pad_as_zero:
     """The dS kernel's split-over-images path (used when there are few texts) sums to the same."""
     monkeypatch.setattr(tb._li, "FORCE_DS_SPLITS", splits)
     case = make_case("splits", 5, 3, 6, 3, 10, mask_kind="scattered", ties=True, device=DEVICE)
-    compare_late_interaction(tb.late_interaction, case, pad_as_zero, **LI_TOL)
+    for fn in LI_MODES.values():
+        compare_late_interaction(fn, case, pad_as_zero, **LI_TOL)
 
 
 def test_late_interaction_int16_winners() -> None:
@@ -88,7 +148,7 @@ def test_late_interaction_int16_winners() -> None:
     case.P[:, 290] = case.S[0, 0]
     case.P[:, 297] = case.S[1, 1]
     no_slot = torch.zeros(2, dtype=torch.bool, device=DEVICE)
-    _, _, win = tb._li_fwd(case.P, case.S, case.mask, torch.ones(2, 300, dtype=torch.bool, device=DEVICE), no_slot)
+    _, _, win, _ = tb._li_fwd(case.P, case.S, case.mask, torch.ones(2, 300, dtype=torch.bool, device=DEVICE), no_slot, True)
     assert win.dtype == torch.int16
     assert int(win[0, 0, 0]) == 290 and int(win[1, 1, 1]) == 297
     compare_late_interaction(tb.late_interaction, case, False, **LI_TOL)
@@ -120,7 +180,8 @@ def _exact_tie_inputs():
 def test_late_interaction_exact_ties_first_index(pad_as_zero: bool) -> None:
     P, S, mask = _exact_tie_inputs()
     case = Case("exact_ties", P, S, mask, torch.zeros(3, 4, 9, device=DEVICE), torch.zeros(3, dtype=torch.bool, device=DEVICE))
-    compare_late_interaction(tb.late_interaction, case, pad_as_zero, **LI_TOL)
+    for fn in LI_MODES.values():
+        compare_late_interaction(fn, case, pad_as_zero, **LI_TOL)
 
 
 def test_late_interaction_deterministic() -> None:
@@ -273,7 +334,8 @@ def test_opcheck_late_interaction() -> None:
     S = case.S.clone().requires_grad_()
     pmask = torch.ones(2, 5, dtype=torch.bool, device=DEVICE)
     zslot = torch.tensor([True, False, True], device=DEVICE)
-    torch.library.opcheck(torch.ops.egma_fast.triton_late_interaction_fwd.default, (P, S, case.mask, pmask, zslot))
+    for save in (True, False):
+        torch.library.opcheck(torch.ops.egma_fast.triton_late_interaction_fwd.default, (P, S, case.mask, pmask, zslot, save))
 
 
 def test_opcheck_cross_map() -> None:

@@ -3,15 +3,17 @@
 Ops (namespace ``egma_fast``), each with a fake implementation so torch.compile traces through them
 without a graph break, and autograd registered on the forward ops:
 
-    triton_late_interaction_fwd(P, S, sent_mask, patch_mask, zero_slot) -> (zI, zT, win)
-    triton_late_interaction_bwd(dzI, dzT, P, S, sent_mask, patch_mask, zero_slot, win) -> (dP, dS)
+    triton_late_interaction_fwd(P, S, sent_mask, patch_mask, zero_slot, save_slot_winners)
+        -> (zI, zT, win_patch, win_slot)
+    triton_late_interaction_bwd(dzI, dzT, P, S, sent_mask, patch_mask, zero_slot, win_patch, win_slot) -> (dP, dS)
     triton_cross_map_fwd(P, S, sent_mask, GS, use_gaze, theta, alpha, <options>) -> (terms, A0, lse_col)
     triton_cross_map_bwd(gterms, P, S, sent_mask, GS, use_gaze, theta, alpha, A0, lse_col, <options>)
         -> (dP, dS, dalpha_per_instance)
 
-Saved for backward: the inputs (by reference), the winning patch per (image, text, slot)
-(uint8 for n <= 255) for late interaction, A0 [B, n, M] and an [B, n] log-sum-exp for cross_map:
-O(B^2 M + B (n + M) d), never O(B^2 n M).
+Saved for backward: the inputs (by reference); for late interaction the winning patch per
+(image, text, slot) and the winning slot per (image, text, patch), 1 byte each for n, M < 256
+(B^2 (n + M) bytes; B^2 M with low_memory); for cross_map A0 [B, n, M] and an [B, n] log-sum-exp.
+Never O(B^2 n M).
 
 Runs on CUDA tensors, and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1: how
 CI checks the kernels; 16-bit CPU inputs are computed in fp32 there). float64 inputs are not a
@@ -30,7 +32,7 @@ import torch
 import triton  # noqa: F401  (ImportError here: the registry logs one line and falls back)
 
 from egma_fast import reference
-from egma_fast.ops.arguments import text_zero_slots
+from egma_fast.ops.arguments import index_dtype, text_zero_slots
 from egma_fast.ops.registry import Backend, register_backend
 from egma_fast.reference import CrossMapParams, CrossMapTerms
 
@@ -87,46 +89,62 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # ----------------------------------------------------------------------------------------------
 # late_interaction
 # ----------------------------------------------------------------------------------------------
+def _winner_dtypes(n: int, M: int, save_slots: bool) -> tuple[torch.dtype, torch.dtype | None]:
+    """Index dtypes of the winning patch (0..n-1) and, when saved, the winning slot (0..M, M: none)."""
+    return index_dtype(n), index_dtype(M + 1) if save_slots else None
+
+
 @torch.library.custom_op("egma_fast::triton_late_interaction_fwd", mutates_args=())
-def _li_fwd(P: Tensor, S: Tensor, sent_mask: Tensor, patch_mask: Tensor, zero_slot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """zI, zT [Bi, Bt] fp32 and the winning patch per (image, text, slot) [Bi, Bt, M]."""
+def _li_fwd(P: Tensor, S: Tensor, sent_mask: Tensor, patch_mask: Tensor, zero_slot: Tensor,
+            save_slot_winners: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """zI, zT [Bi, Bt] fp32, the winning patch per (image, text, slot) [Bi, Bt, M] and the winning
+    slot per (image, text, patch) [Bi, Bt, n] (an empty [0] tensor unless save_slot_winners)."""
     return _li.late_interaction_forward(P, S, sent_mask.view(torch.uint8), patch_mask.view(torch.uint8),
-                                        zero_slot.view(torch.uint8))
+                                        zero_slot.view(torch.uint8), *_winner_dtypes(P.shape[1], S.shape[1], save_slot_winners))
 
 
 @_li_fwd.register_fake
-def _li_fwd_fake(P, S, sent_mask, patch_mask, zero_slot):
-    Bi, n, _ = P.shape
-    Bt, M, _ = S.shape
+def _li_fwd_fake(P, S, sent_mask, patch_mask, zero_slot, save_slot_winners):
+    Bi, n, d = P.shape
+    Bt, M, d_s = S.shape
+    torch._check(d_s == d, lambda: f"P {tuple(P.shape)} and S {tuple(S.shape)} must share d")
+    torch._check(tuple(sent_mask.shape) == (Bt, M), lambda: f"sent_mask must be [{Bt}, {M}]")
+    torch._check(tuple(patch_mask.shape) == (Bi, n), lambda: f"patch_mask must be [{Bi}, {n}]")
+    torch._check(tuple(zero_slot.shape) == (Bt,), lambda: f"zero_slot must be [{Bt}]")
+    patch_index, slot_index = _winner_dtypes(n, M, save_slot_winners)
+    win_i = P.new_empty((Bi, Bt, n) if save_slot_winners else (0,), dtype=slot_index or torch.uint8)
     return (P.new_empty(Bi, Bt, dtype=torch.float32), P.new_empty(Bi, Bt, dtype=torch.float32),
-            P.new_empty(Bi, Bt, M, dtype=_li.winner_dtype(n)))
+            P.new_empty(Bi, Bt, M, dtype=patch_index), win_i)
 
 
 @torch.library.custom_op("egma_fast::triton_late_interaction_bwd", mutates_args=())
 def _li_bwd(dzI: Tensor, dzT: Tensor, P: Tensor, S: Tensor, sent_mask: Tensor, patch_mask: Tensor, zero_slot: Tensor,
-            win: Tensor) -> tuple[Tensor, Tensor]:
-    """dP [Bi, n, d], dS [Bt, M, d] in the features' dtype."""
+            win_patch: Tensor, win_slot: Tensor) -> tuple[Tensor, Tensor]:
+    """dP [Bi, n, d], dS [Bt, M, d] in the features' dtype (win_slot empty: recomputed)."""
     return _li.late_interaction_backward(dzI, dzT, P, S, sent_mask.view(torch.uint8), patch_mask.view(torch.uint8),
-                                         zero_slot.view(torch.uint8), win)
+                                         zero_slot.view(torch.uint8), win_patch, win_slot)
 
 
 @_li_bwd.register_fake
-def _li_bwd_fake(dzI, dzT, P, S, sent_mask, patch_mask, zero_slot, win):
+def _li_bwd_fake(dzI, dzT, P, S, sent_mask, patch_mask, zero_slot, win_patch, win_slot):
+    Bi, Bt = P.shape[0], S.shape[0]
+    torch._check(tuple(dzI.shape) == (Bi, Bt) and tuple(dzT.shape) == (Bi, Bt),
+                 lambda: f"dzI and dzT must be [{Bi}, {Bt}]")
     return torch.empty_like(P), torch.empty_like(S)
 
 
 def _li_setup(ctx, inputs, output) -> None:
-    P, S, sent_mask, patch_mask, zero_slot = inputs
-    ctx.save_for_backward(P, S, sent_mask, patch_mask, zero_slot, output[2])
+    P, S, sent_mask, patch_mask, zero_slot, _save = inputs
+    ctx.save_for_backward(P, S, sent_mask, patch_mask, zero_slot, output[2], output[3])
 
 
-def _li_backward(ctx, dzI, dzT, _dwin):
-    P, S, sent_mask, patch_mask, zero_slot, win = ctx.saved_tensors
+def _li_backward(ctx, dzI, dzT, _dwin_patch, _dwin_slot):
+    P, S, sent_mask, patch_mask, zero_slot, win_patch, win_slot = ctx.saved_tensors
     Bi, Bt = P.shape[0], S.shape[0]
     dzI = P.new_zeros(Bi, Bt, dtype=torch.float32) if dzI is None else dzI.to(torch.float32).contiguous()
     dzT = P.new_zeros(Bi, Bt, dtype=torch.float32) if dzT is None else dzT.to(torch.float32).contiguous()
-    dP, dS = _li_bwd(dzI, dzT, P, S, sent_mask, patch_mask, zero_slot, win)
-    return dP, dS, None, None, None
+    dP, dS = _li_bwd(dzI, dzT, P, S, sent_mask, patch_mask, zero_slot, win_patch, win_slot)
+    return dP, dS, None, None, None, None
 
 
 _li_fwd.register_autograd(_li_backward, setup_context=_li_setup)
@@ -155,9 +173,14 @@ def _features(P: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def late_interaction(
-    P: Tensor, S: Tensor, sent_mask: Tensor, patch_mask: Tensor | None = None, pad_as_zero: bool = False
+    P: Tensor, S: Tensor, sent_mask: Tensor, patch_mask: Tensor | None = None, pad_as_zero: bool = False,
+    low_memory: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """reference.late_interaction on the fused kernels: zI, zT [Bi, Bt] fp32 (unscaled)."""
+    """reference.late_interaction on the fused kernels: zI, zT [Bi, Bt] fp32 (unscaled).
+
+    The forward saves the winning slot of every (image, text, patch), Bi Bt n bytes for n < 256, so
+    that the backward is two GEMMs; ``low_memory`` saves only the Bi Bt M winning patches and
+    recomputes the rest in the backward (slower)."""
     _check_features("P", P)
     _check_features("S", S)
     if P.shape[2] != S.shape[2] or P.device != S.device:
@@ -173,7 +196,7 @@ def late_interaction(
         patch_mask = torch.ones(Bi, n, dtype=torch.bool, device=P.device)
     P, S = _features(P, S)
     zero_slot = text_zero_slots(sent_mask, pad_as_zero)
-    zI, zT, _ = _li_fwd(P, S, sent_mask.contiguous(), patch_mask.contiguous(), zero_slot)
+    zI, zT, _, _ = _li_fwd(P, S, sent_mask.contiguous(), patch_mask.contiguous(), zero_slot, not low_memory)
     return zI, zT
 
 
