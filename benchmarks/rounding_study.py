@@ -14,6 +14,8 @@ Modes (the kernels' GRAD_MODE):
     fp16         W rounded once to fp16 (tiny values underflow fp16's exponent range)
     fp16_scaled  W times a power of two (max |W| near 1) rounded to fp16, the product unscaled
     fp16_scaled_split  the same, as hi + lo (two tensor-core products)
+    bf16_w_fp16  bf16 features converted to fp16 (exact in fp16's normal range) and W as
+                 fp16_scaled: one product, W with 3 more mantissa bits than bf16
     fp32         W and the features in fp32 (the fp32 kernels; a sanity row)
 
 Winners are taken from the fp32 similarities (what both the kernels and the reference compute), and
@@ -39,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from egma_fast import reference  # noqa: E402
 from egma_fast.ops.arguments import text_zero_slots  # noqa: E402
 
-MODES = ("bf16", "bf16_split", "fp16", "fp16_scaled", "fp16_scaled_split", "fp32")
-DTYPE_OF_MODE = {"bf16": torch.bfloat16, "bf16_split": torch.bfloat16, "fp16": torch.float16,
+MODES = ("bf16", "bf16_split", "bf16_w_fp16", "fp16", "fp16_scaled", "fp16_scaled_split", "fp32")
+DTYPE_OF_MODE = {"bf16": torch.bfloat16, "bf16_split": torch.bfloat16, "bf16_w_fp16": torch.bfloat16, "fp16": torch.float16,
                  "fp16_scaled": torch.float16, "fp16_scaled_split": torch.float16, "fp32": torch.float32}
 
 
@@ -101,21 +103,24 @@ def round_weights(W: torch.Tensor, mode: str) -> torch.Tensor:
         return hi.double() + lo.double()
     if mode == "fp16":
         return W.float().half().double()
-    if mode in ("fp16_scaled", "fp16_scaled_split"):
+    if mode in ("fp16_scaled", "fp16_scaled_split", "bf16_w_fp16"):
         peak = W.abs().max().item()
         scale = 2.0 ** -math.ceil(math.log2(peak)) if peak > 0 else 1.0
         hi = (W.float() * scale).half()
-        if mode == "fp16_scaled":
+        if mode in ("fp16_scaled", "bf16_w_fp16"):
             return hi.double() / scale
         lo = (W.float() * scale - hi.float()).half()
         return (hi.double() + lo.double()) / scale
     raise ValueError(mode)
 
 
-def gradients(W: torch.Tensor, P: torch.Tensor, S: torch.Tensor, out_dtype: torch.dtype):
+def gradients(W: torch.Tensor, P: torch.Tensor, S: torch.Tensor, out_dtype: torch.dtype, feature_dtype=None):
     """dP [Bi, n, d] = sum_{l, j} W S_lj and dS [Bt, M, d] = sum_{k, i} W P_ki, accumulated in
     float64 (fp32 accumulation adds ~1e-7 relative: negligible here), rounded like the kernels'
-    fp32 accumulator and then to the output dtype."""
+    fp32 accumulator and then to the output dtype. ``feature_dtype``: the dtype the features are
+    converted to for the product (the bf16_w_fp16 mode's fp16)."""
+    if feature_dtype is not None:
+        P, S = P.to(feature_dtype), S.to(feature_dtype)
     dP = torch.einsum("ktij,tjd->kid", W, S.double())
     dS = torch.einsum("ktij,kid->tjd", W, P.double())
     return dP.float().to(out_dtype), dS.float().to(out_dtype)
@@ -143,7 +148,7 @@ def study_case(B: int, n: int, M: int, d: int, dtype: torch.dtype, pad_as_zero: 
     for mode in MODES:
         if DTYPE_OF_MODE[mode] not in (dtype, torch.float32) or (mode == "fp32") != (dtype == torch.float32):
             continue
-        fast = gradients(round_weights(W, mode), P, S, dtype)
+        fast = gradients(round_weights(W, mode), P, S, dtype, torch.float16 if mode == "bf16_w_fp16" else None)
         for name, t, f in zip(("dP", "dS"), truth, fast):
             err = (f.double() - t).abs().max().item()
             row[f"{name}_{mode}_err"] = err

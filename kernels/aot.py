@@ -27,11 +27,11 @@ from .utils import dot_precision, grad_mode
 __all__ = ["Variant", "compile_variant", "ptxas_usage", "variants"]
 
 # Argument types of every kernel argument name used in kernels/ (pointers by role; {f} is the
-# feature dtype).
+# feature dtype, {h} the late-interaction backward's product dtype: fp16 for 16-bit features).
 _ARG_TYPES = {
     "P": "*{f}", "S": "*{f}", "GS": "*{f}", "DP": "*{f}", "DS": "*{f}",
     "SMASK": "*u8", "PMASK": "*u8", "ZSLOT": "*u8", "USE_GAZE": "*u8", "WIN": "*u8", "WIN_T": "*u8", "WIN_I": "*u8",
-    "WSCALE": "*fp32",
+    "SCALES": "*fp32", "PF": "*{h}", "SF": "*{h}",
     "NVALID": "*i32", "MVALID": "*i32",
     "ZI": "*fp32", "ZT": "*fp32", "DZI": "*fp32", "DZT": "*fp32", "OUT": "*fp32", "THETA": "*fp32", "ALPHA": "*fp32",
     "A0": "*fp32", "TERMS": "*fp32", "LSE_COL": "*fp32", "GTERMS": "*fp32", "DA_FULL": "*fp32", "DA_ROWS": "*fp32",
@@ -117,7 +117,8 @@ def compile_variant(v: Variant, dtype: torch.dtype, arch: int = 90):
 
     f = _TRITON_DTYPE[dtype]
     fn = v.kernel
-    sig = {a: "constexpr" if a in v.constexprs else _ARG_TYPES[a].format(f=f) for a in fn.arg_names}
+    h = "fp32" if f == "fp32" else "fp16"  # the late-interaction backward's product operands
+    sig = {a: "constexpr" if a in v.constexprs else _ARG_TYPES[a].format(f=f, h=h) for a in fn.arg_names}
     # The JIT's specialisation: 16-byte-aligned pointers (torch allocations are) and integer
     # arguments that are multiples of 16 get tt.divisibility = 16, except do_not_specialize ones.
     skip = {fn.arg_names[i] if isinstance(i, int) else i for i in getattr(fn, "do_not_specialize", ())}

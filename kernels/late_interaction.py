@@ -23,11 +23,18 @@ Backward  two destination-owned GEMMs with a one-hot weight tile W built in regi
           is written by one program (no atomics): deterministic. In low-memory mode the image-side
           winners are recomputed from the tiles instead (another U per d-out block).
 
-W on the tensor cores (GRAD_MODE): fp32 features multiply W in IEEE fp32; bf16 features take W
-rounded once to bf16, as flash-attention does with its probability tile (benchmarks/
-rounding_study.py: gradient errors within 1.8x of PyTorch's own bf16 error, under the 2x rule);
-fp16 features take W scaled by a power of two (so that fp16's exponent range holds it at any batch
-size) and split into hi + lo fp16 halves (single fp16 rounding measured up to 2.04x PyTorch's error).
+W on the tensor cores (GRAD_MODE; benchmarks/rounding_study.py measured each choice against the
+flash-attention rule, fast error <= 2x PyTorch's own error from the same 16-bit inputs):
+    fp32 features   W and the features in IEEE fp32.
+    bf16 features   one fp16 product: W times a power of two (largest entry near 1) rounded to fp16,
+                    and the features times a power of two converted to fp16 once per backward
+                    (exact: a bf16 mantissa fits fp16's). W keeps 11 bits instead of bf16's 8:
+                    errors 1.0-1.07x PyTorch's, where rounding W to bf16 measured up to 1.98x.
+    fp16 features   W scaled the same way and split into hi + lo fp16 halves (two products): one
+                    fp16 rounding of W measured up to 2.04x, over the rule, since the output has
+                    fp16's precision too.
+The power-of-two scales (exact) keep W and the features inside fp16's exponent range at any batch
+size and feature norm; the accumulator is unscaled once at the end.
 """
 from __future__ import annotations
 
@@ -49,12 +56,12 @@ __all__ = ["LIBlocks", "late_interaction_backward", "late_interaction_forward", 
 _NUM_WARPS = 8
 
 # GRAD_MODE: how the fp32 weight tile W meets the feature tile on the tensor cores.
-W_FP32, W_BF16, W_FP16_SPLIT = 0, 1, 2
+W_FP32, W_FP16, W_FP16_SPLIT = 0, 1, 2
 
 
 def weight_mode(dtype: torch.dtype) -> int:
     """GRAD_MODE for features of this dtype (see the module docstring)."""
-    return {torch.bfloat16: W_BF16, torch.float16: W_FP16_SPLIT}.get(dtype, W_FP32)
+    return {torch.bfloat16: W_FP16, torch.float16: W_FP16_SPLIT}.get(dtype, W_FP32)
 
 
 @dataclass(frozen=True)
@@ -144,14 +151,14 @@ def _weight_tile(img_hit, win_t, i, p_ok, sv, c_img, c_txt, img_has_patch):
 
 
 @triton.jit
-def _weight_dot(w, feats, acc, scale, GRAD_MODE: tl.constexpr):
-    """acc + W @ feats on the tensor cores, W [R, K] fp32 and feats [K, C] in the features' dtype,
-    with the precision rule of GRAD_MODE (the module docstring). Under W_FP16_SPLIT acc holds the
-    sums times ``scale`` (the caller divides once at the end)."""
+def _weight_dot(w, feats, acc, w_scale, GRAD_MODE: tl.constexpr):
+    """acc + W @ feats on the tensor cores, W [R, K] fp32 and feats [K, C] (fp16 in the 16-bit
+    modes: see the module docstring). In the 16-bit modes W is multiplied by ``w_scale`` first and
+    acc holds scaled sums (the caller unscales once at the end)."""
     if GRAD_MODE == 1:
-        acc = tl.dot(w.to(tl.bfloat16), feats, acc)
+        acc = tl.dot((w * w_scale).to(tl.float16), feats, acc)
     elif GRAD_MODE == 2:
-        ws = w * scale
+        ws = w * w_scale
         hi = ws.to(tl.float16)
         acc = tl.dot(hi, feats, acc)
         acc = tl.dot((ws - hi.to(tl.float32)).to(tl.float16), feats, acc)
@@ -247,11 +254,13 @@ def _li_fwd_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZSLOT, ZI, ZT, WIN_T, WIN
 
 
 @triton.jit(do_not_specialize=["Bt"])
-def _li_bwd_dp_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZSLOT, WIN_T, WIN_I, DZI, DZT, WSCALE, DP,
+def _li_bwd_dp_kernel(P, S, SF, SMASK, PMASK, NVALID, MVALID, ZSLOT, WIN_T, WIN_I, DZI, DZT, SCALES, DP,
                       Bt, n, M, d, sPb, sPn, sSb, sSm,
                       BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, M_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
                       DOT_PREC: tl.constexpr, GRAD_MODE: tl.constexpr, SAVED: tl.constexpr, BLOCK_DO: tl.constexpr):
-    """One program: dP[k, patch chunk, d-out block] = sum over every text block of W_tile @ S_tile."""
+    """One program: dP[k, patch chunk, d-out block] = sum over every text block of W_tile @ S_tile.
+    SF: the features the product reads (S, or its scaled fp16 copy); SCALES [3] fp32: W's scale and
+    the accumulator's unscale factors for dP and dS."""
     BLOCK_L: tl.constexpr = BLOCK_T * M_PAD
     k = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -260,7 +269,7 @@ def _li_bwd_dp_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZSLOT, WIN_T, WIN_I, D
     p_ok = tl.load(PMASK + k * n + i, mask=i < n, other=0) != 0
     nv = tl.load(NVALID + k)
     inv_nv = 1.0 / tl.maximum(nv, 1).to(tl.float32)
-    scale = tl.load(WSCALE)
+    w_scale = tl.load(SCALES)
     col = tl.arange(0, BLOCK_L)
     acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
     for l0 in range(0, Bt, BLOCK_T):
@@ -278,17 +287,17 @@ def _li_bwd_dp_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZSLOT, WIN_T, WIN_I, D
                           SAVED, False, BLOCK_N, BLOCK_T, M_PAD, BLOCK_D, DOT_PREC)
         w = _weight_tile(hit, win_t[None, :], i[:, None], p_ok[:, None], sv[None, :], c_img[None, :], c_txt[None, :],
                          nv > 0)
-        s_out = tl.load(S + l.to(tl.int64)[:, None] * sSb + j[:, None] * sSm + do[None, :],
+        s_out = tl.load(SF + l.to(tl.int64)[:, None] * sSb + j[:, None] * sSm + do[None, :],
                         mask=slot_ok[:, None] & do_ok[None, :], other=0.0)
-        acc = _weight_dot(w, s_out, acc, scale, GRAD_MODE)
-    if GRAD_MODE == 2:
-        acc = acc / scale
+        acc = _weight_dot(w, s_out, acc, w_scale, GRAD_MODE)
+    if GRAD_MODE != 0:
+        acc = acc * tl.load(SCALES + 1)
     tl.store(DP + k * sPb + i.to(tl.int64)[:, None] * sPn + do[None, :], acc.to(DP.dtype.element_ty),
              mask=(i < n)[:, None] & do_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["Bi", "Bt", "k_per_split"])
-def _li_bwd_ds_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZSLOT, WIN_T, WIN_I, DZI, DZT, WSCALE, OUT,
+def _li_bwd_ds_kernel(P, S, PF, SMASK, PMASK, NVALID, MVALID, ZSLOT, WIN_T, WIN_I, DZI, DZT, SCALES, OUT,
                       Bi, Bt, n, M, d, sPb, sPn, sSb, sSm, k_per_split,
                       BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, M_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
                       DOT_PREC: tl.constexpr, GRAD_MODE: tl.constexpr, SAVED: tl.constexpr, BLOCK_DO: tl.constexpr):
@@ -309,7 +318,7 @@ def _li_bwd_ds_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZSLOT, WIN_T, WIN_I, D
     zs_t = tl.load(ZSLOT + lt, mask=lt < Bt, other=0) != 0
     m_l = tl.load(MVALID + l, mask=l < Bt, other=1)
     inv_m = 1.0 / tl.maximum(m_l, 1).to(tl.float32)
-    scale = tl.load(WSCALE)
+    w_scale = tl.load(SCALES)
     acc = tl.zeros((BLOCK_L, BLOCK_DO), dtype=tl.float32)
     # One loop over (image, patch chunk) steps, so that num_stages pipelines the loads across
     # images too (at n <= BLOCK_N an image is a single step).
@@ -328,11 +337,11 @@ def _li_bwd_ds_kernel(P, S, SMASK, PMASK, NVALID, MVALID, ZSLOT, WIN_T, WIN_I, D
                           SAVED, True, BLOCK_N, BLOCK_T, M_PAD, BLOCK_D, DOT_PREC)
         w_t = _weight_tile(hit, win_t[:, None], i[None, :], p_ok[None, :], sv[:, None], c_img[:, None], c_txt[:, None],
                            nv > 0)
-        p_out = tl.load(P + k * sPb + i.to(tl.int64)[:, None] * sPn + do[None, :],
+        p_out = tl.load(PF + k * sPb + i.to(tl.int64)[:, None] * sPn + do[None, :],
                         mask=(i < n)[:, None] & do_ok[None, :], other=0.0)
-        acc = _weight_dot(w_t, p_out, acc, scale, GRAD_MODE)
-    if GRAD_MODE == 2:
-        acc = acc / scale
+        acc = _weight_dot(w_t, p_out, acc, w_scale, GRAD_MODE)
+    if GRAD_MODE != 0:
+        acc = acc * tl.load(SCALES + 2)
     out = OUT + split.to(tl.int64) * Bt * M * d + (l.to(tl.int64)[:, None] * M + j[:, None]) * d + do[None, :]
     tl.store(out, acc.to(OUT.dtype.element_ty), mask=slot_ok[:, None] & do_ok[None, :])
 
@@ -361,8 +370,11 @@ _DS_TUNER = Tuner("late_interaction dS", DS_CONFIGS)
 _INTERPRET_FWD = triton.Config({"GROUP_K": 2}, num_warps=1, num_stages=1)
 _INTERPRET_BWD = triton.Config({"BLOCK_DO": 32}, num_warps=1, num_stages=1)
 
-#: Tests may force the number of image splits of the dS kernel (None: heuristic).
+#: Tests may force the number of image splits of the dS kernel (None: heuristic) and the weight
+#: mode (None: weight_mode of the features' dtype; the interpreter can run W_FP16 / W_FP16_SPLIT on
+#: fp32 inputs, since numpy has fp16).
 FORCE_DS_SPLITS: int | None = None
+FORCE_WEIGHT_MODE: int | None = None
 
 
 def _ds_splits(Bi: int, Bt: int, blocks: LIBlocks, device: torch.device) -> int:
@@ -432,12 +444,30 @@ def late_interaction_forward(
     return zI, zT, win_t, win_i
 
 
-def _weight_scale(dzI: torch.Tensor, dzT: torch.Tensor) -> torch.Tensor:
-    """A power of two that brings the weight tile's largest entry (<= |dzI| + |dzT|) near 1, so that
-    fp16's exponent range holds W at any batch size; a one-element fp32 tensor (no host sync)."""
-    peak = dzI.abs().amax() + dzT.abs().amax()
-    scale = torch.exp2(-torch.ceil(torch.log2(peak)))
-    return torch.where(peak > 0, scale, torch.ones_like(scale)).reshape(1).float()
+def _pow2_scale(peak: torch.Tensor) -> torch.Tensor:
+    """2^-ceil(log2(peak)): brings a positive peak into (0.5, 1] exactly (1 for a zero peak)."""
+    scale = torch.exp2(-torch.ceil(torch.log2(peak.float())))
+    return torch.where(peak > 0, scale, torch.ones_like(scale))
+
+
+def _product_operands(mode: int, dzI: torch.Tensor, dzT: torch.Tensor, P: torch.Tensor, S: torch.Tensor):
+    """The features the backward's products read and SCALES [3] fp32 = (W's scale, dP's unscale,
+    dS's unscale), all computed on the device (no host sync).
+
+    W's largest entry is at most |dzI| + |dzT| (c_img <= |dzI|, c_txt <= |dzT|). For bf16 features
+    (W_FP16) P and S are also scaled into fp16's range and converted once here (exact for a bf16
+    mantissa; Bi n d + Bt M d fp16 elements for the duration of the backward)."""
+    one = torch.ones((), device=P.device)
+    if mode == W_FP32:
+        return P, S, torch.ones(3, device=P.device)
+    w_scale = _pow2_scale(dzI.abs().amax() + dzT.abs().amax())
+    if mode == W_FP16:
+        p_scale, s_scale = _pow2_scale(P.abs().amax()), _pow2_scale(S.abs().amax())
+        PF, SF = (P * p_scale).half(), (S * s_scale).half()
+    else:
+        p_scale = s_scale = one
+        PF, SF = P, S
+    return PF, SF, torch.stack([w_scale, 1 / (w_scale * s_scale), 1 / (w_scale * p_scale)]).float()
 
 
 def late_interaction_backward(
@@ -454,8 +484,8 @@ def late_interaction_backward(
     if Bi == 0 or Bt == 0:
         return dP.zero_(), dS.zero_()
     saved = win_i.dim() == 3
-    mode = weight_mode(P.dtype)
-    wscale = _weight_scale(dzI, dzT) if mode == W_FP16_SPLIT else torch.ones(1, device=P.device)
+    mode = weight_mode(P.dtype) if FORCE_WEIGHT_MODE is None else FORCE_WEIGHT_MODE
+    PF, SF, scales = _product_operands(mode, dzI, dzT, P, S)
     meta = dict(_tiles(P, blocks), GRAD_MODE=mode, SAVED=saved)
     strides = (P.stride(0), P.stride(1), S.stride(0), S.stride(1))
     splits = _ds_splits(Bi, Bt, blocks, P.device)
@@ -463,13 +493,13 @@ def late_interaction_backward(
     def launch_dp(bi: int, bt: int, out: torch.Tensor, config: triton.Config) -> None:
         nvalid, mvalid = _valid_counts(smask[:bt], pmask[:bi])
         grid = (bi, triton.cdiv(n, blocks.BLOCK_N), triton.cdiv(d, config.kwargs["BLOCK_DO"]))
-        _li_bwd_dp_kernel[grid](P, S, smask, pmask, nvalid, mvalid, zslot, win_t, win_i, dzI, dzT, wscale, out,
+        _li_bwd_dp_kernel[grid](P, S, SF, smask, pmask, nvalid, mvalid, zslot, win_t, win_i, dzI, dzT, scales, out,
                                 bt, n, M, d, *strides, **meta, **launch_options(config))
 
     def launch_ds(bi: int, bt: int, splits_: int, out: torch.Tensor, config: triton.Config) -> None:
         nvalid, mvalid = _valid_counts(smask[:bt], pmask[:bi])
         grid = (triton.cdiv(bt, blocks.BLOCK_T), triton.cdiv(d, config.kwargs["BLOCK_DO"]), splits_)
-        _li_bwd_ds_kernel[grid](P, S, smask, pmask, nvalid, mvalid, zslot, win_t, win_i, dzI, dzT, wscale, out,
+        _li_bwd_ds_kernel[grid](P, S, PF, smask, pmask, nvalid, mvalid, zslot, win_t, win_i, dzI, dzT, scales, out,
                                 bi, bt, n, M, d, *strides, triton.cdiv(bi, splits_), **meta, **launch_options(config))
 
     if interpreting():

@@ -33,14 +33,15 @@ class Tuner:
     """Picks one config per key among ``configs`` by timing them with ``bench(config)``.
 
     ``bench`` must launch the kernel once on a bounded proxy problem with the given config; it runs
-    a few times under ``triton.testing.do_bench`` (median of CUDA-event timings).
+    a few times under ``timer`` (default ``triton.testing.do_bench``: the median of CUDA-event
+    timings).
     """
 
-    def __init__(self, name: str, configs: list[triton.Config], warmup_ms: int = 5, rep_ms: int = 20) -> None:
+    def __init__(self, name: str, configs: list[triton.Config], warmup_ms: int = 5, rep_ms: int = 20,
+                 timer: Callable[[Callable[[], None]], float] | None = None) -> None:
         self.name = name
         self.configs = list(configs)
-        self.warmup_ms = warmup_ms
-        self.rep_ms = rep_ms
+        self.timer = timer or (lambda fn: triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
         self.chosen: dict[Hashable, triton.Config] = {}
         self.timings: dict[Hashable, list[tuple[str, float]]] = {}
 
@@ -55,8 +56,7 @@ class Tuner:
         failures: list[str] = []
         for index, config in enumerate(self.configs):
             try:
-                ms = triton.testing.do_bench(lambda: bench(config), warmup=self.warmup_ms, rep=self.rep_ms,
-                                             return_mode="median")
+                ms = self.timer(lambda: bench(config))
             except Exception as exc:  # OutOfResources and compile errors: this config cannot run here
                 failures.append(f"{config}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
                 continue

@@ -396,3 +396,68 @@ def test_interpreter_numpy_incompatibility_is_reported_plainly() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ERROR backend 'triton' is unavailable" in proc.stdout, proc.stdout
     assert "numpy<2.4 or triton>=3.7" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# The backward's 16-bit weight modes, run by the interpreter (numpy has fp16, not bf16)
+# ----------------------------------------------------------------------------------------------
+def _winners_then_grads(P, S, mask, upstream: float):
+    """zI, zT and the gradients of upstream * (weighted sum) through the custom ops directly (the
+    backend function would upcast 16-bit CPU inputs to fp32)."""
+    P = P.clone().requires_grad_()
+    S = S.clone().requires_grad_()
+    pmask = torch.ones(P.shape[:2], dtype=torch.bool, device=DEVICE)
+    zslot = torch.zeros(S.shape[0], dtype=torch.bool, device=DEVICE)
+    zI, zT, _, _ = tb._li_fwd(P, S, mask, pmask, zslot, True)
+    g = torch.randn(2, *zI.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    dP, dS = torch.autograd.grad(upstream * ((g[0] * zI).sum() + (g[1] * zT).sum()), (P, S))
+    return zI, zT, dP, dS, g
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="interpreter coverage; the GPU tests run the real dtypes")
+@pytest.mark.parametrize("upstream", [1.0, 1e-3, 3e3], ids=["unit", "small", "large"])
+def test_weight_mode_fp16_split(upstream: float) -> None:
+    """fp16 features: W scaled by a power of two and split into fp16 hi + lo. Gradients match the
+    float64 reference to fp16 output precision across upstream magnitudes (W's entries go down to
+    ~1e-5, fp16 subnormals, in the small case: the scale keeps their 11 bits)."""
+    case = make_case("fp16", 3, 4, 9, 5, 24, mask_kind="scattered", device=DEVICE)
+    P, S = case.P.half(), case.S.half()
+    _, _, dP, dS, g = _winners_then_grads(P, S, case.mask, upstream)
+    assert dP.dtype == torch.float16
+    P64, S64 = P.double().requires_grad_(), S.double().requires_grad_()
+    zI, zT = reference.late_interaction(P64, S64, case.mask)
+    want = torch.autograd.grad(upstream * ((g[0].double() * zI).sum() + (g[1].double() * zT).sum()), (P64, S64))
+    for got, ref in zip((dP, dS), want):
+        err = (got.double() - ref).abs().max() / ref.abs().max()
+        assert err < 2e-3, float(err)  # fp16 output rounding is 2^-11 ~ 5e-4 of an element
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="interpreter coverage; the GPU tests run the real dtypes")
+def test_weight_mode_fp16_split_keeps_tiny_weights() -> None:
+    """dS sums many images' tiny weights (here ~1e-6, fp16 subnormals with ~6% precision unscaled)
+    into a representable gradient: the power-of-two scale keeps each weight's 11 bits."""
+    g = torch.Generator().manual_seed(0)
+    Bi, Bt, n, M, d = 64, 2, 4, 2, 16
+    P = (torch.rand(Bi, n, d, generator=g) + 0.5).half()  # positive: the sums add up coherently
+    S = (torch.rand(Bt, M, d, generator=g) + 0.5).half()
+    mask = torch.ones(Bt, M, dtype=torch.bool)
+    P1, S1 = P.clone().requires_grad_(), S.clone().requires_grad_()
+    pmask = torch.ones(Bi, n, dtype=torch.bool)
+    zI, zT, _, _ = tb._li_fwd(P1, S1, mask, pmask, torch.zeros(Bt, dtype=torch.bool), True)
+    (dS,) = torch.autograd.grad(4e-6 * (zI.sum() + zT.sum()), (S1,))
+    P64, S64 = P.double(), S.double().requires_grad_()
+    wI, wT = reference.late_interaction(P64, S64, mask)
+    (want,) = torch.autograd.grad(4e-6 * (wI.sum() + wT.sum()), (S64,))
+    assert float(want.abs().min()) > 6.2e-5  # the output itself is a normal fp16 number
+    assert float((dS.double() - want).abs().max() / want.abs().max()) < 2e-3
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="interpreter coverage; the GPU tests run the real dtypes")
+def test_weight_mode_fp16_products_for_bf16(monkeypatch) -> None:
+    """The bf16 features' mode (one fp16 product of scaled W and scaled fp16 features), forced on fp32
+    inputs: the scales are undone exactly and the gradients match to fp16 precision."""
+    monkeypatch.setattr(tb._li, "FORCE_WEIGHT_MODE", tb._li.W_FP16)
+    case = make_case("w16", 3, 4, 9, 5, 24, mask_kind="scattered", device=DEVICE)
+    for scale in (1.0, 1e-6, 300.0):  # feature scale: the features' power-of-two scale must adapt
+        scaled = Case("w16", case.P * scale, case.S * scale, case.mask, case.GS, case.use_gaze)
+        compare_late_interaction(tb.late_interaction, scaled, True, rtol=3e-3, atol=3e-3 * scale)
