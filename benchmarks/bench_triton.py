@@ -13,7 +13,8 @@ Each row is one (target, backend, compile, B, n); its pytest-benchmark timing is
     saved_for_backward_bytes         what autograd keeps between them
     oom                              True where the case ran out of device memory (then no times)
 
-Run on a GPU machine (skipped without CUDA):
+Run on a GPU machine (skipped without CUDA; benchmarks/gpu/device_check.sh runs the priority cases
+within a device lease):
     pytest benchmarks/bench_triton.py --benchmark-only --benchmark-json=benchmarks/results/triton_<gpu>.json
 Environment knobs (the full grid is long at B = 16384): EGMA_BENCH_B="256,1024" and
 EGMA_BENCH_N="49" restrict the grid; EGMA_BENCH_PRESET=official switches the loss/op options.
@@ -204,4 +205,56 @@ def test_triton_vs_torch(benchmark, record, target: str, backend: str, compiled:
         info[f"{name}_tflops"] = flops[name] / (ms * 1e-3) / 1e12
         info[f"{name}_fraction_of_dense"] = info[f"{name}_tflops"] / info["dense_bf16_tflops"]
     del P, S, fn
+    _free()
+
+
+# ----------------------------------------------------------------------------------------------
+# Late interaction across implementations (benchmarks/providers.py): egma_fast's kernels (winners
+# saved / low-memory), the reference, and the PyPI MaxSim kernels where installed and able to
+# express the case; a provider that cannot keeps its row with the reason.
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", GRID_N)
+@pytest.mark.parametrize("B", GRID_B)
+@pytest.mark.parametrize("name", ["triton", "triton_low_memory", "late_interaction_kernels", "flash_maxsim"])
+def test_late_interaction_providers(benchmark, record, name: str, B: int, n: int) -> None:
+    import providers
+
+    benchmark.group = f"late_interaction_providers-B{B}-n{n}-M{M}-d{D}-bf16"
+    info = benchmark.extra_info
+    info.update(target="late_interaction", backend=name, compiled=False, B=B, n=n, M=M, d=D, dtype="bfloat16",
+                oom=False, dense_bf16_tflops=dense_bf16_tflops())
+    _free()
+    P0, S0, mask, _, _ = _inputs(B, n)
+    try:
+        why = providers.unsupported(name, mask)
+        if why:
+            raise NotImplementedError(why)
+        fn = providers.provider(name)
+    except (ImportError, NotImplementedError) as exc:
+        info["unsupported"] = f"{type(exc).__name__}: {exc}"[:300]
+        benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+        return
+    P, S = P0.clone().requires_grad_(), S0.clone().requires_grad_()
+
+    def fwd_bwd():
+        P.grad = S.grad = None
+        providers.objective(*fn(P, S, mask)).backward()
+
+    try:
+        fwd_bwd()
+        torch.cuda.synchronize()
+        record(fwd_bwd, DEV, target="late_interaction", backend=name, B=B, n=n, M=M, d=D, dtype=DTYPE)
+        rounds = _rounds(_cuda_ms(fwd_bwd))
+        samples: list[float] = []
+        benchmark.pedantic(lambda: samples.append(_cuda_ms(fwd_bwd)), rounds=rounds, iterations=1, warmup_rounds=0)
+    except torch.cuda.OutOfMemoryError as exc:
+        info["oom"] = True
+        info["oom_message"] = str(exc).splitlines()[0][:300]
+        _free()
+        return
+    ms = statistics.median(samples)
+    flops = model_flops("late_interaction", B, n)["fwd_bwd"]
+    info.update(fwd_bwd_ms=ms, fwd_bwd_samples=samples, fwd_bwd_tflops=flops / (ms * 1e-3) / 1e12)
+    info["fwd_bwd_fraction_of_dense"] = info["fwd_bwd_tflops"] / info["dense_bf16_tflops"]
+    del P, S
     _free()

@@ -1,0 +1,109 @@
+"""Late-interaction implementations the GPU benchmarks put side by side, one setup for all.
+
+Each provider maps (P [B, n, d], S [B, M, d], sent_mask [B, M]) to the two pooled MaxSim directions
+of EGMA (SPEC 2.1), zI[k, l] = mean_i max_j <P_ki, S_lj> and zT[k, l] = mean_j max_i <P_ki, S_lj>,
+with autograd. The timed objective is zI.sum() + 0.5 * zT.sum() (both directions' gradients).
+
+    triton, triton_low_memory   egma_fast's fused kernels (winners saved / recomputed)
+    cuda                        the CUDA extension (when built with CUDA kernels)
+    torch, torch_compile        the reference (materialises B x B x n x M), eager and compiled
+    late_interaction_kernels    PyPI late-interaction-kernels' maxsim (ColBERT's sum, /n, /m_l)
+    flash_maxsim                PyPI flash-maxsim's flash_maxsim_batched_train (prefix lengths)
+
+The two PyPI kernels are ColBERT scorers: each gives one direction per call, so a provider calls
+them twice (patches as queries over sentences; sentences as queries over patches). Where one cannot
+express a case (a mask that is not a prefix, pad_as_zero) ``unsupported`` says why.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+
+from egma_fast import reference
+
+Tensor = torch.Tensor
+Provider = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def _triton(low_memory: bool) -> Provider:
+    from egma_fast.ops import triton_backend as tb
+
+    return lambda P, S, mask: tb.late_interaction(P, S, mask, None, False, low_memory=low_memory)
+
+
+def _cuda() -> Provider:
+    from egma_fast.ops import select_backend
+
+    backend = select_backend("cuda", torch.device("cuda"))
+    return lambda P, S, mask: backend.late_interaction(P, S, mask, None, False)
+
+
+def _torch(compiled: bool) -> Provider:
+    fn = lambda P, S, mask: reference.late_interaction(P, S, mask)  # noqa: E731
+    return torch.compile(fn) if compiled else fn
+
+
+def _late_interaction_kernels() -> Provider:
+    lik = importlib.import_module("late_interaction_kernels")
+
+    def run(P, S, mask):
+        n = P.shape[1]
+        m = mask.sum(1).clamp_min(1).to(torch.float32)
+        # Patches as queries, sentences as documents: sum over patches of the best sentence.
+        zI = lik.maxsim(P, S, None, mask) / n
+        # Sentences as queries (masked), patches as documents: [Bt, Bi] -> [Bi, Bt].
+        zT = (lik.maxsim(S, P, mask, None) / m[:, None]).t()
+        return zI, zT
+
+    return run
+
+
+def _flash_maxsim() -> Provider:
+    fm = importlib.import_module("flash_maxsim")
+
+    def run(P, S, mask):
+        n = P.shape[1]
+        lengths = mask.sum(1).to(torch.int32)
+        m = lengths.clamp_min(1).to(torch.float32)
+        zI = fm.flash_maxsim_batched_train(P, S, shared_docs=True, doc_lengths=lengths) / n
+        zT = (fm.flash_maxsim_batched_train(S, P, shared_docs=True, query_lengths=lengths) / m[:, None]).t()
+        return zI, zT
+
+    return run
+
+
+_FACTORIES: dict[str, Callable[[], Provider]] = {
+    "triton": lambda: _triton(False),
+    "triton_low_memory": lambda: _triton(True),
+    "cuda": _cuda,
+    "torch": lambda: _torch(False),
+    "torch_compile": lambda: _torch(True),
+    "late_interaction_kernels": _late_interaction_kernels,
+    "flash_maxsim": _flash_maxsim,
+}
+PROVIDERS = tuple(_FACTORIES)
+
+
+def provider(name: str) -> Provider:
+    """The provider function; raises ImportError / ValueError with the reason it is unavailable."""
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown provider {name!r}; known: {PROVIDERS}")
+    return _FACTORIES[name]()
+
+
+def unsupported(name: str, mask: Tensor, pad_as_zero: bool = False) -> str | None:
+    """Why a provider cannot compute this case exactly (None when it can)."""
+    if name in ("late_interaction_kernels", "flash_maxsim") and pad_as_zero:
+        return f"{name} has no zero-slot padding rule (pad_as_zero)"
+    if name == "flash_maxsim":
+        prefix = torch.arange(mask.shape[1], device=mask.device)[None, :] < mask.sum(1, keepdim=True)
+        if not torch.equal(prefix, mask):
+            return "flash_maxsim takes lengths: masks must be prefixes"
+    return None
+
+
+def objective(zI: Tensor, zT: Tensor) -> Tensor:
+    """The scalar the benchmarks differentiate: both directions' gradients flow."""
+    return zI.float().sum() + 0.5 * zT.float().sum()
