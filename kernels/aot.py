@@ -95,7 +95,8 @@ def variants(n: int, M: int, d: int, dtype: torch.dtype, *, ops: tuple[str, ...]
             out += _expand("late_interaction", li._li_fwd_kernel, dict(tiles, SAVE_WIN_I=saved), all_configs, ints,
                            li.FWD_CONFIGS)
             grads = dict(tiles, GRAD_MODE=li.weight_mode(dtype), SAVED=saved)
-            out += _expand("late_interaction", li._li_bwd_dp_kernel, grads, all_configs, ints, li.DP_CONFIGS)
+            out += _expand("late_interaction", li._li_bwd_dp_kernel, grads, all_configs, ints,
+                           li.dp_configs(li.weight_mode(dtype)))
             out += _expand("late_interaction", li._li_bwd_ds_kernel, grads, all_configs, ints, li.DS_CONFIGS)
     if "cross_map" in ops:
         c = cm.cm_blocks(n, M, d, dtype)

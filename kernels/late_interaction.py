@@ -358,14 +358,22 @@ def _configs(name: str, pairs) -> list[triton.Config]:
 
 
 # Every config here compiles without register spills for bf16 / fp16 at n in {49, 196}, M = 16,
-# d = 512 on sm_90 (tests/test_triton_compile.py; benchmarks/gpu/ptxas_report.py): d-out blocks of
-# 256 spill in the dS kernel (its [128, BLOCK_DO] accumulator) and with 3 stages in the dP kernel.
+# d = 512 on sm_90 with Triton 3.6 and 3.9 (tests/test_triton_compile.py; benchmarks/gpu/
+# ptxas_report.py): d-out blocks of 256 spill in the dS kernel (its [128, BLOCK_DO] accumulator),
+# in the dP kernel with 3 stages, and with fp16's two products (Triton 3.6).
 FWD_CONFIGS = _configs("GROUP_K", [(4, 3), (8, 3), (4, 4), (8, 4)])
 DP_CONFIGS = _configs("BLOCK_DO", [(128, 2), (128, 3), (256, 2)])
+DP_SPLIT_CONFIGS = DP_CONFIGS[:2]
 DS_CONFIGS = _configs("BLOCK_DO", [(64, 2), (64, 3), (128, 2), (128, 3)])
 _FWD_TUNER = Tuner("late_interaction forward", FWD_CONFIGS)
-_DP_TUNER = Tuner("late_interaction dP", DP_CONFIGS)
+_DP_TUNERS = {mode: Tuner("late_interaction dP", DP_SPLIT_CONFIGS if mode == W_FP16_SPLIT else DP_CONFIGS)
+              for mode in (W_FP32, W_FP16, W_FP16_SPLIT)}
 _DS_TUNER = Tuner("late_interaction dS", DS_CONFIGS)
+
+
+def dp_configs(mode: int) -> list[triton.Config]:
+    """The dP kernel's tuning space for a weight mode."""
+    return _DP_TUNERS[mode].configs
 
 _INTERPRET_FWD = triton.Config({"GROUP_K": 2}, num_warps=1, num_stages=1)
 _INTERPRET_BWD = triton.Config({"BLOCK_DO": 32}, num_warps=1, num_stages=1)
@@ -510,7 +518,7 @@ def late_interaction_backward(
         # call's, which changes nothing the timing depends on; the outputs are scratch.
         bi, bt = min(Bi, PROXY_IMAGES), min(Bt, PROXY_TEXTS)
         key = _key(P, S, mode, saved)
-        cfg_dp = _DP_TUNER.pick(key, lambda c: launch_dp(bi, bt, torch.empty_like(P[:bi]), c))
+        cfg_dp = _DP_TUNERS[mode].pick(key, lambda c: launch_dp(bi, bt, torch.empty_like(P[:bi]), c))
         proxy_splits = _ds_splits(bi, bt, blocks, P.device)
         buf = torch.empty(proxy_splits, bt, M, d, device=P.device, dtype=torch.float32)
         cfg_ds = _DS_TUNER.pick(key, lambda c: launch_ds(bi, bt, proxy_splits, buf, c))

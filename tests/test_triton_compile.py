@@ -118,7 +118,7 @@ def test_aot_variants_cover_every_autotuner_config() -> None:
         "vs = aot.variants(49, 16, 512, torch.bfloat16)\n"
         "count = {}\n"
         "for v in vs: count[v.name] = count.get(v.name, 0) + 1\n"
-        "expect = {'_li_fwd_kernel': 2 * len(li.FWD_CONFIGS), '_li_bwd_dp_kernel': 2 * len(li.DP_CONFIGS),\n"
+        "expect = {'_li_fwd_kernel': 2 * len(li.FWD_CONFIGS), '_li_bwd_dp_kernel': 2 * len(li.dp_configs(li.weight_mode(torch.bfloat16))),\n"
         "          '_li_bwd_ds_kernel': 2 * len(li.DS_CONFIGS), '_cm_scores_kernel': len(cm._scores.configs),\n"
         "          '_cm_fwd_kernel': 2 * len(cm._fwd.configs), '_cm_bwd_scores_kernel': 2 * len(cm._bwd_scores.configs),\n"
         "          '_cm_bwd_feat_kernel': 2 * len(cm._bwd_feat.configs)}\n"

@@ -81,7 +81,7 @@ def test_late_interaction_tunes_on_a_bounded_proxy(monkeypatch) -> None:
     small = [triton.Config(c.kwargs, num_warps=1, num_stages=1) for c in li.FWD_CONFIGS[:2]]
     monkeypatch.setattr(li, "_FWD_TUNER", tuner("fwd", small))
     bwd = [triton.Config({"BLOCK_DO": 32}, num_warps=1, num_stages=s) for s in (1, 2)]
-    monkeypatch.setattr(li, "_DP_TUNER", tuner("dp", bwd))
+    monkeypatch.setattr(li, "_DP_TUNERS", {mode: tuner("dp", bwd) for mode in li._DP_TUNERS})
     monkeypatch.setattr(li, "_DS_TUNER", tuner("ds", bwd))
     launches = {"fwd": li._li_fwd_kernel, "dp": li._li_bwd_dp_kernel, "ds": li._li_bwd_ds_kernel}
     for name, kernel in launches.items():
