@@ -143,8 +143,8 @@ __global__ void __launch_bounds__(kThreads, 2) li_tc_forward_kernel(FwdArgs a) {
   const int ld_row = th >> 2, ld_q = th & 3;
   const in_t* b_src[2];
   for (int h = 0; h < 2; ++h) {
-    const ColRef col = tile_col(g, tb, ld_row + 64 * h);
-    b_src[h] = col.valid ? S + (col.l * g.M + col.j) * static_cast<int64_t>(g.d) : nullptr;
+    const int64_t src = fwd_b_src(g, tb, ld_row + 64 * h);
+    b_src[h] = src >= 0 ? S + src * g.d : nullptr;
   }
   const int nk = (g.d + kFwdK - 1) / kFwdK;
 
@@ -152,8 +152,8 @@ __global__ void __launch_bounds__(kThreads, 2) li_tc_forward_kernel(FwdArgs a) {
     fwd_init_rows(a, it, ch, s, th);
     const in_t* a_src[2];
     for (int h = 0; h < 2; ++h) {
-      const RowRef row = tile_row(g, it, ch, ld_row + 64 * h);
-      a_src[h] = row.valid ? P + (row.k * g.n + row.i) * static_cast<int64_t>(g.d) : nullptr;
+      const int64_t src = fwd_a_src(g, it, ch, ld_row + 64 * h);
+      a_src[h] = src >= 0 ? P + src * g.d : nullptr;
     }
     auto load_stage = [&](int stage, int kstep) {
       const int x = kstep * kFwdK + ld_q * 8;
@@ -235,12 +235,6 @@ __global__ void __launch_bounds__(kThreads, 2) li_tc_forward_kernel(FwdArgs a) {
 // Gradient scales: row_scale[k] over texts (dP), col_scale[l] over images (dS). A max is exact, so
 // any reduction order gives the same bits.
 // ----------------------------------------------------------------------------------------------
-__device__ __forceinline__ float coef_abs(const BwdArgs& a, int64_t k, int64_t l) {
-  const int nv = a.n_valid[k], m = a.m_valid[l];
-  const float gi = fabsf(coef_image(a.gzI[k * a.g.Bt + l], nv, m)), gt = fabsf(coef_text(a.gzT[k * a.g.Bt + l], nv, m));
-  return gi > gt ? gi : gt;  // NaN never wins: the scale stays finite
-}
-
 __global__ void __launch_bounds__(kThreads) li_tc_scales_kernel(BwdArgs a, float* row_scale, float* col_scale,
                                                                  int64_t row_blocks) {
   const Geometry& g = a.g;
@@ -248,14 +242,14 @@ __global__ void __launch_bounds__(kThreads) li_tc_scales_kernel(BwdArgs a, float
     const int64_t k = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
     if (k >= g.Bi) return;  // whole warps leave together
     float m = 0.f;
-    for (int64_t l = threadIdx.x & 31; l < g.Bt; l += 32) m = fmaxf(m, coef_abs(a, k, l));
+    for (int64_t l = threadIdx.x & 31; l < g.Bt; l += 32) m = fmaxf(m, coef_abs(a.gzI, a.gzT, g.Bt, a.n_valid[k], a.m_valid[l], k, l));
     for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
     if ((threadIdx.x & 31) == 0) row_scale[k] = pow2_scale(m);
   } else {
     const int64_t l = (static_cast<int64_t>(blockIdx.x) - row_blocks) * kThreads + threadIdx.x;
     if (l >= g.Bt) return;
     float m = 0.f;
-    for (int64_t k = 0; k < g.Bi; ++k) m = fmaxf(m, coef_abs(a, k, l));
+    for (int64_t k = 0; k < g.Bi; ++k) m = fmaxf(m, coef_abs(a.gzI, a.gzT, g.Bt, a.n_valid[k], a.m_valid[l], k, l));
     col_scale[l] = pow2_scale(m);
   }
 }
@@ -312,19 +306,6 @@ __device__ __forceinline__ void bwd_mma_step(float acc[kBwdMt][kBwdNt][4], MakeW
 // between 129 and 255 gives the same occupancy at 256 threads (one CTA of 8 warps per SM).
 constexpr int kBwdMinBlocks = 1;
 
-constexpr int kStageItems = 2;  // per thread and kind: every staging count is <= 2 * kThreads
-static_assert(4 * kTileRows <= kStageItems * kThreads && kMaxImagesPerTile * kBwdK <= kStageItems * kThreads &&
-                  kMaxTextsPerTile * kBwdK <= kStageItems * kThreads &&
-                  kDsGroupsPerChunk * kTileRows <= kStageItems * kThreads,
-              "staging items fit the prefetch registers");
-
-struct Prefetch {
-  uint8_t js[kStageItems];
-  int32_t win[kStageItems];
-  float cI, cT;
-  int32_t i0;  // dS: the first patch of group th of the chunk (th < kDsGroupsPerChunk)
-};
-
 template <typename in_t>
 __global__ void __launch_bounds__(kThreads, kBwdMinBlocks) li_tc_dp_kernel(BwdArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -339,37 +320,11 @@ __global__ void __launch_bounds__(kThreads, kBwdMinBlocks) li_tc_dp_kernel(BwdAr
   const int ch = static_cast<int>(rt % g.chunks);
   const int nk = static_cast<int>(dp_k_chunks(g));  // < 2^31: late_interaction_tc_unsupported
   const in_t* S = static_cast<const in_t*>(a.S);
-  const int n_js = dp_js_items(g), n_win = dp_win_items(g), n_coef = dp_coef_items(g), tpc = dp_texts_per_chunk(g);
 
   auto load = [&](int kc) {
-    bwd_load_stage<in_t>(pipe + static_cast<size_t>(kc % kBwdStages) * kBwdK * kBwdLd, S, g, db, th, [&](int row) {
-      const ColRef col = dp_slot(g, kc, row);
-      return col.valid ? col.l * g.M + col.j : int64_t{-1};
-    });
+    bwd_load_stage<in_t>(pipe + static_cast<size_t>(kc % kBwdStages) * kBwdK * kBwdLd, S, g, db, th,
+                         [&](int row) { return dp_b_src(g, kc, row); });
   };
-  auto fetch = [&](int kc, Prefetch& f) {
-#pragma unroll
-    for (int s = 0; s < kStageItems; ++s) {
-      const int e = th + s * kThreads;
-      f.js[s] = e < n_js ? dp_js_item(a, it, ch, kc, e) : kNoSlot;
-      f.win[s] = e < n_win ? dp_win_item(a, it, kc, e) : -1;
-    }
-    f.cI = f.cT = 0.f;
-    if (th < n_coef) dp_coef_item(a, it, kc, th, f.cI, f.cT);
-  };
-  auto put = [&](DpStage& st, const Prefetch& f) {
-#pragma unroll
-    for (int s = 0; s < kStageItems; ++s) {
-      const int e = th + s * kThreads;
-      if (e < n_js) st.js[e >> 7][e & (kTileRows - 1)] = f.js[s];
-      if (e < n_win) st.win[e / kBwdK][e % kBwdK] = f.win[s];
-    }
-    if (th < n_coef) {
-      st.cI[th / tpc][th % tpc] = f.cI;
-      st.cT[th / tpc][th % tpc] = f.cT;
-    }
-  };
-
   float acc[kBwdMt][kBwdNt][4];
 #pragma unroll
   for (int mt = 0; mt < kBwdMt; ++mt)
@@ -379,9 +334,9 @@ __global__ void __launch_bounds__(kThreads, kBwdMinBlocks) li_tc_dp_kernel(BwdAr
       for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
 
   {
-    Prefetch f;
-    fetch(0, f);
-    put(stage[0], f);
+    DpPrefetch f;
+    f.fetch(a, it, ch, 0, th);
+    f.put(g, stage[0], th);
   }
 #pragma unroll
   for (int st = 0; st < kBwdStages - 1; ++st) {
@@ -393,8 +348,8 @@ __global__ void __launch_bounds__(kThreads, kBwdMinBlocks) li_tc_dp_kernel(BwdAr
     __syncthreads();
     if (kc + kBwdStages - 1 < nk) load(kc + kBwdStages - 1);
     cp_async_commit();
-    Prefetch f;
-    if (kc + 1 < nk) fetch(kc + 1, f);
+    DpPrefetch f;
+    if (kc + 1 < nk) f.fetch(a, it, ch, kc + 1, th);
     const in_t* Bs = pipe + static_cast<size_t>(kc % kBwdStages) * kBwdK * kBwdLd;
     const DpStage& st = stage[kc & 1];
     // Not unrolled: unrolled, ptxas keeps every k step's fragment addresses live across the
@@ -404,7 +359,7 @@ __global__ void __launch_bounds__(kThreads, kBwdMinBlocks) li_tc_dp_kernel(BwdAr
       bwd_mma_step<in_t>(
           acc, [&](int mt, float w[8]) { dp_a_frag(g, st, ch, kc, ks, wr + mt * 16, lane, w); }, Bs, ks, wc, lane);
     }
-    if (kc + 1 < nk) put(stage[(kc + 1) & 1], f);
+    if (kc + 1 < nk) f.put(g, stage[(kc + 1) & 1], th);
   }
   cp_async_wait<0>();
 
@@ -438,39 +393,11 @@ __global__ void __launch_bounds__(kThreads, kBwdMinBlocks) li_tc_ds_kernel(BwdAr
   const int64_t tb = blockIdx.x / n_db;
   const int nk = static_cast<int>(ds_k_chunks(g));
   const in_t* P = static_cast<const in_t*>(a.P);
-  const int n_js = ds_js_items(g), n_win = ds_win_items(g), n_coef = ds_coef_items(g);
 
   auto load = [&](int kc) {
-    bwd_load_stage<in_t>(pipe + static_cast<size_t>(kc % kBwdStages) * kBwdK * kBwdLd, P, g, db, th, [&](int row) {
-      const RowRef p = ds_patch(g, kc, row);
-      return p.valid ? p.k * g.n + p.i : int64_t{-1};
-    });
+    bwd_load_stage<in_t>(pipe + static_cast<size_t>(kc % kBwdStages) * kBwdK * kBwdLd, P, g, db, th,
+                         [&](int row) { return ds_b_src(g, kc, row); });
   };
-  auto fetch = [&](int kc, Prefetch& f) {
-#pragma unroll
-    for (int s = 0; s < kStageItems; ++s) {
-      const int e = th + s * kThreads;
-      f.js[s] = e < n_js ? ds_js_item(a, tb, kc, e) : kNoSlot;
-      f.win[s] = e < n_win ? ds_win_item(a, tb, kc, e) : -1;
-    }
-    f.cI = f.cT = 0.f;
-    if (th < n_coef) ds_coef_item(a, tb, kc, th, f.cI, f.cT);
-    f.i0 = th < kDsGroupsPerChunk ? ds_group(g, kc * kDsGroupsPerChunk + th).i0 : 0;
-  };
-  auto put = [&](DsStage& st, const Prefetch& f) {
-#pragma unroll
-    for (int s = 0; s < kStageItems; ++s) {
-      const int e = th + s * kThreads;
-      if (e < n_js) st.js[e / kBwdK][e % kBwdK] = f.js[s];
-      if (e < n_win) st.win[e / kTileRows][e % kTileRows] = f.win[s];
-    }
-    if (th < n_coef) {
-      st.cI[th / g.bt][th % g.bt] = f.cI;
-      st.cT[th / g.bt][th % g.bt] = f.cT;
-    }
-    if (th < kDsGroupsPerChunk) st.i0[th] = f.i0;
-  };
-
   float acc[kBwdMt][kBwdNt][4];
 #pragma unroll
   for (int mt = 0; mt < kBwdMt; ++mt)
@@ -480,9 +407,9 @@ __global__ void __launch_bounds__(kThreads, kBwdMinBlocks) li_tc_ds_kernel(BwdAr
       for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
 
   {
-    Prefetch f;
-    fetch(0, f);
-    put(stage[0], f);
+    DsPrefetch f;
+    f.fetch(a, tb, 0, th);
+    f.put(g, stage[0], th);
   }
 #pragma unroll
   for (int st = 0; st < kBwdStages - 1; ++st) {
@@ -494,8 +421,8 @@ __global__ void __launch_bounds__(kThreads, kBwdMinBlocks) li_tc_ds_kernel(BwdAr
     __syncthreads();
     if (kc + kBwdStages - 1 < nk) load(kc + kBwdStages - 1);
     cp_async_commit();
-    Prefetch f;
-    if (kc + 1 < nk) fetch(kc + 1, f);
+    DsPrefetch f;
+    if (kc + 1 < nk) f.fetch(a, tb, kc + 1, th);
     const in_t* Bs = pipe + static_cast<size_t>(kc % kBwdStages) * kBwdK * kBwdLd;
     const DsStage& st = stage[kc & 1];
     // Not unrolled: unrolled, ptxas keeps every k step's fragment addresses live across the
@@ -505,7 +432,7 @@ __global__ void __launch_bounds__(kThreads, kBwdMinBlocks) li_tc_ds_kernel(BwdAr
       bwd_mma_step<in_t>(
           acc, [&](int mt, float w[8]) { ds_a_frag(g, st, ks, wr + mt * 16, lane, w); }, Bs, ks, wc, lane);
     }
-    if (kc + 1 < nk) put(stage[(kc + 1) & 1], f);
+    if (kc + 1 < nk) f.put(g, stage[(kc + 1) & 1], th);
   }
   cp_async_wait<0>();
 

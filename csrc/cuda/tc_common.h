@@ -38,6 +38,12 @@
 #include "../common.h"
 #include "launch.h"
 
+#if defined(__CUDACC__)
+#define EGMA_UNROLL _Pragma("unroll")
+#else
+#define EGMA_UNROLL
+#endif
+
 namespace egma {
 namespace cuda {
 namespace tc {
@@ -219,6 +225,26 @@ EGMA_HD inline RowRef ds_patch(const Geometry& g, int64_t kc, int row) {  // row
   x.i = q.i0 + (row & 15);
   x.valid = q.valid && x.i < g.n;
   return x;
+}
+EGMA_HD inline int64_t ds_b_src(const Geometry& g, int64_t kc, int row) {
+  const RowRef x = ds_patch(g, kc, row);
+  return x.valid ? x.k * g.n + x.i : -1;
+}
+
+// Source rows of the operand tiles the kernels copy into shared memory (-1: a zero-filled
+// padding row). Forward: A row r = a patch of P, B row c = a slot of S. dP: B row = slot row of
+// chunk kc. dS: B row = patch row of chunk kc.
+EGMA_HD inline int64_t fwd_a_src(const Geometry& g, int64_t it, int ch, int r) {
+  const RowRef x = tile_row(g, it, ch, r);
+  return x.valid ? x.k * g.n + x.i : -1;
+}
+EGMA_HD inline int64_t fwd_b_src(const Geometry& g, int64_t tb, int c) {
+  const ColRef x = tile_col(g, tb, c);
+  return x.valid ? x.l * g.M + x.j : -1;
+}
+EGMA_HD inline int64_t dp_b_src(const Geometry& g, int64_t kc, int row) {
+  const ColRef x = dp_slot(g, kc, row);
+  return x.valid ? x.l * g.M + x.j : -1;
 }
 
 // Forward CTA order: groups of 8 image tiles sweep the text blocks together (GEMM-style swizzle),
@@ -490,6 +516,12 @@ EGMA_HD inline float pow2_scale(float maxabs) {
   return ldexpf(1.f, -e);
 }
 
+// max(|cI|, |cT|) of one (image, text) pair, unscaled: the quantity the scales normalise.
+EGMA_HD inline float coef_abs(const float* gzI, const float* gzT, int64_t Bt, int nv, int m, int64_t k, int64_t l) {
+  const float a = fabsf(coef_image(gzI[k * Bt + l], nv, m)), b = fabsf(coef_text(gzT[k * Bt + l], nv, m));
+  return fmaxf(a, b);  // NaN never wins: the scale stays finite
+}
+
 // The weight of W[row patch i][column slot j] of one (image, text): cI at the patch's winning slot
 // js, cT at the slot's winning patch win (both when they coincide). js is kNoSlot and win -1 where
 // no gradient flows.
@@ -551,7 +583,7 @@ EGMA_HD inline void dp_a_frag(const Geometry& g, const DpStage& st, int ch, int6
   const int j0 = static_cast<int>(cc0 & ((int64_t{1} << g.lgMp) - 1));
   const int gi = rb >> g.lgR, R = 1 << g.lgR;
   const float cI = st.cI[gi][tt], cT = st.cT[gi][tt];
-#pragma unroll
+EGMA_UNROLL
   for (int e = 0; e < 8; ++e) {
     const int r = rb + frag_a_row(lane, e), c = frag_a_col(lane, e);
     w[e] = w_value(st.js[tt][r], j0 + c, st.win[gi][ks * 16 + c], (ch << g.lgR) + (r & (R - 1)), cI, cT);
@@ -603,12 +635,88 @@ EGMA_HD inline void ds_coef_item(const BwdArgs& a, int64_t tb, int64_t kc, int e
 EGMA_HD inline void ds_a_frag(const Geometry& g, const DsStage& st, int ks, int rb, int lane, float w[8]) {
   const int t = rb >> g.lgMp, mask = (1 << g.lgMp) - 1, i0 = st.i0[ks];
   const float cI = st.cI[ks][t], cT = st.cT[ks][t];
-#pragma unroll
+EGMA_UNROLL
   for (int e = 0; e < 8; ++e) {
     const int r = rb + frag_a_row(lane, e), c = frag_a_col(lane, e);
     w[e] = w_value(st.js[t][ks * 16 + c], r & mask, st.win[ks][r], i0 + c, cI, cT);
   }
 }
+
+// Staging of one K chunk's winners by thread th: fetch() reads global memory into registers (the
+// kernels issue it one chunk ahead, before the current chunk's mma), put() stores them into a
+// DpStage / DsStage after the next barrier interval. Every staging count is <= kStageItems *
+// kThreads, so each thread handles at most kStageItems items of each kind.
+constexpr int kStageItems = 2;
+static_assert(4 * kTileRows <= kStageItems * kThreads && kMaxImagesPerTile * kBwdK <= kStageItems * kThreads &&
+                  kMaxTextsPerTile * kBwdK <= kStageItems * kThreads &&
+                  kDsGroupsPerChunk * kTileRows <= kStageItems * kThreads &&
+                  kMaxImagesPerTile * 4 <= kThreads && kDsGroupsPerChunk * kMaxTextsPerTile <= kThreads,
+              "staging items fit the prefetch registers");
+
+struct DpPrefetch {
+  uint8_t js[kStageItems];
+  int32_t win[kStageItems];
+  float cI, cT;
+  EGMA_HD void fetch(const BwdArgs& a, int64_t it, int ch, int64_t kc, int th) {
+    const Geometry& g = a.g;
+    const int n_js = dp_js_items(g), n_win = dp_win_items(g);
+EGMA_UNROLL
+    for (int s = 0; s < kStageItems; ++s) {
+      const int e = th + s * kThreads;
+      js[s] = e < n_js ? dp_js_item(a, it, ch, kc, e) : kNoSlot;
+      win[s] = e < n_win ? dp_win_item(a, it, kc, e) : -1;
+    }
+    cI = cT = 0.f;
+    if (th < dp_coef_items(g)) dp_coef_item(a, it, kc, th, cI, cT);
+  }
+  EGMA_HD void put(const Geometry& g, DpStage& st, int th) const {
+    const int n_js = dp_js_items(g), n_win = dp_win_items(g), tpc = dp_texts_per_chunk(g);
+EGMA_UNROLL
+    for (int s = 0; s < kStageItems; ++s) {
+      const int e = th + s * kThreads;
+      if (e < n_js) st.js[e >> 7][e & (kTileRows - 1)] = js[s];
+      if (e < n_win) st.win[e / kBwdK][e % kBwdK] = win[s];
+    }
+    if (th < dp_coef_items(g)) {
+      st.cI[th / tpc][th % tpc] = cI;
+      st.cT[th / tpc][th % tpc] = cT;
+    }
+  }
+};
+
+struct DsPrefetch {
+  uint8_t js[kStageItems];
+  int32_t win[kStageItems];
+  float cI, cT;
+  int32_t i0;  // th < kDsGroupsPerChunk: the first patch of group th of the chunk
+  EGMA_HD void fetch(const BwdArgs& a, int64_t tb, int64_t kc, int th) {
+    const Geometry& g = a.g;
+    const int n_js = ds_js_items(g), n_win = ds_win_items(g);
+EGMA_UNROLL
+    for (int s = 0; s < kStageItems; ++s) {
+      const int e = th + s * kThreads;
+      js[s] = e < n_js ? ds_js_item(a, tb, kc, e) : kNoSlot;
+      win[s] = e < n_win ? ds_win_item(a, tb, kc, e) : -1;
+    }
+    cI = cT = 0.f;
+    if (th < ds_coef_items(g)) ds_coef_item(a, tb, kc, th, cI, cT);
+    i0 = th < kDsGroupsPerChunk ? ds_group(g, kc * kDsGroupsPerChunk + th).i0 : 0;
+  }
+  EGMA_HD void put(const Geometry& g, DsStage& st, int th) const {
+    const int n_js = ds_js_items(g), n_win = ds_win_items(g);
+EGMA_UNROLL
+    for (int s = 0; s < kStageItems; ++s) {
+      const int e = th + s * kThreads;
+      if (e < n_js) st.js[e / kBwdK][e % kBwdK] = js[s];
+      if (e < n_win) st.win[e / kTileRows][e % kTileRows] = win[s];
+    }
+    if (th < ds_coef_items(g)) {
+      st.cI[th / g.bt][th % g.bt] = cI;
+      st.cT[th / g.bt][th % g.bt] = cT;
+    }
+    if (th < kDsGroupsPerChunk) st.i0[th] = i0;
+  }
+};
 
 // W (fp32) as hi + lo in the feature dtype T (bf16 / fp16), two elements per 32-bit mma register
 // (element 2p in the low half): hi + lo carries 16 (bf16) / 22 (fp16) bits of each weight, so the
@@ -620,7 +728,7 @@ EGMA_HD inline uint32_t pack2(T lo_elem, T hi_elem) {
 }
 template <typename T>
 EGMA_HD inline void split_hi_lo(const float w[8], uint32_t hi[4], uint32_t lo[4]) {
-#pragma unroll
+EGMA_UNROLL
   for (int p = 0; p < 4; ++p) {
     const T h0(w[2 * p]), h1(w[2 * p + 1]);
     const T l0(w[2 * p] - static_cast<float>(h0)), l1(w[2 * p + 1] - static_cast<float>(h1));
