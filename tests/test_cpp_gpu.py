@@ -360,3 +360,19 @@ def test_tc_whole_loss(monkeypatch, preset) -> None:
     torch.testing.assert_close(out_tc.total, out_simt.total, rtol=1e-4, atol=1e-4)
     for a, b in zip(grads_tc, grads_simt):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3 * b.float().abs().max().item())
+
+
+@requires_tc
+def test_tc_unaligned_views(tensor_cores) -> None:
+    """P and S starting off a 16-byte boundary (contiguous views with a storage offset) are copied
+    for the 16-byte cp.async loads: the results are those of aligned copies, bitwise."""
+    case = _lowp(make_case("unaligned", 5, 6, 49, 16, 64, mask_kind="scattered", device="cuda"), torch.bfloat16)
+    bufP = torch.empty(case.P.numel() + 1, dtype=torch.bfloat16, device="cuda")
+    bufS = torch.empty(case.S.numel() + 1, dtype=torch.bfloat16, device="cuda")
+    P = bufP[1:].view(case.P.shape).copy_(case.P)
+    S = bufS[1:].view(case.S.shape).copy_(case.S)
+    assert P.data_ptr() % 16 != 0 and S.data_ptr() % 16 != 0
+    got = _value_and_grads(cb.late_interaction, P, S, case.mask, True)
+    want = _value_and_grads(cb.late_interaction, case.P, case.S, case.mask, True)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

@@ -134,6 +134,12 @@ std::tuple<at::Tensor, at::Tensor> late_interaction_bwd(
 // Inputs they do not cover (fp32 / fp64, M > 128, d not a multiple of 8, a device older than
 // sm_80) run the SIMT kernels, with a one-time warning saying why.
 // ----------------------------------------------------------------------------------------------
+// cp.async copies 16-byte pieces: a view starting off a 16-byte boundary is copied first.
+at::Tensor aligned16(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone(at::MemoryFormat::Contiguous);
+}
+
 bool tc_usable(const LIInputs& in) {
   const char* why = late_interaction_tc_unsupported(in.args);
   if (why == nullptr) return true;
@@ -147,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> late_interaction_tc_f
   const auto dims = check_late_interaction_inputs(P, S, sent_mask, patch_mask, zero_slot);
   const auto [Bi, Bt, n, M, d] = dims;
   const c10::cuda::CUDAGuard guard(P.device());
-  const LIInputs in = li_inputs(P, S, sent_mask, patch_mask, zero_slot, dims);
+  const LIInputs in = li_inputs(aligned16(P), aligned16(S), sent_mask, patch_mask, zero_slot, dims);
   if (!tc_usable(in)) return late_interaction_fwd(P, S, sent_mask, patch_mask, zero_slot, save_sentence_argmax);
   const auto opts = P.options().dtype(at::kFloat);
   at::Tensor zI = at::empty({Bi, Bt}, opts), zT = at::empty({Bi, Bt}, opts);
@@ -169,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> late_interaction_tc_bwd(
   const auto [Bi, Bt, n, M, d] = dims;
   const bool recompute = check_bwd_inputs(grad_zI, grad_zT, win_patch, win_sentence, dims);
   const c10::cuda::CUDAGuard guard(P.device());
-  const LIInputs in = li_inputs(P, S, sent_mask, patch_mask, zero_slot, dims);
+  const LIInputs in = li_inputs(aligned16(P), aligned16(S), sent_mask, patch_mask, zero_slot, dims);
   if (!tc_usable(in)) {
     return late_interaction_bwd(grad_zI, grad_zT, P, S, sent_mask, patch_mask, zero_slot, win_patch, win_sentence);
   }
