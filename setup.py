@@ -26,6 +26,7 @@ CPU_SOURCES = [
 CUDA_SOURCES = [
     "csrc/cuda/ops_cuda.cpp",
     "csrc/cuda/late_interaction.cu",
+    "csrc/cuda/late_interaction_tc.cu",  # tensor-core kernels (sm_80+; empty stubs for older archs)
     "csrc/cuda/cross_map.cu",
 ]
 

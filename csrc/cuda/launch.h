@@ -47,6 +47,16 @@ int late_interaction_backward(const LateInteractionArgs& a, const void* grad_zI,
                               IndexPtr jstar, bool recompute, void* gP_acc, void* gS_acc, void* grad_P,
                               void* grad_S);
 
+// The tensor-core kernels (late_interaction_tc.cu; the "tensor_core" option of
+// egma_fast/ops/cpp_backend.py): bf16 / fp16 inputs on sm_80+, same contract and outputs as above.
+// late_interaction_tc_unsupported says why a call cannot use them (nullptr: it can); the caller then
+// takes the SIMT kernels. `scales` is a workspace of Bi + Bt floats; jstar receives the winners
+// when recompute is set.
+const char* late_interaction_tc_unsupported(const LateInteractionArgs& a);
+int late_interaction_tc_forward(const LateInteractionArgs& a, void* zI, void* zT, IndexPtr win, IndexPtr jstar);
+int late_interaction_tc_backward(const LateInteractionArgs& a, const void* grad_zI, const void* grad_zT, IndexPtr win,
+                                 IndexPtr jstar, bool recompute, void* scales, void* grad_P, void* grad_S);
+
 struct CrossMapArgs {
   const void* P;           // [B, n, d] contiguous, dtype
   const void* S;           // [B, M, d] contiguous, dtype

@@ -42,8 +42,6 @@ LIInputs li_inputs(const at::Tensor& P, const at::Tensor& S, const at::Tensor& s
                    const std::optional<at::Tensor>& patch_mask, const at::Tensor& zero_slot,
                    const std::array<int64_t, 5>& dims) {
   const auto [Bi, Bt, n, M, d] = dims;
-  TORCH_CHECK(M <= 1024, "late_interaction (CUDA): at most 1024 sentence slots (M), got ", M);
-  TORCH_CHECK(Bi <= 65535, "late_interaction (CUDA): at most 65535 images (Bi) per call, got ", Bi);
   LIInputs in;
   in.P = P.contiguous();
   in.S = S.contiguous();
@@ -65,10 +63,18 @@ LIInputs li_inputs(const at::Tensor& P, const at::Tensor& S, const at::Tensor& s
   return in;
 }
 
+// Limits of the SIMT kernels (late_interaction.cu): grid.y = Bi, per-block shared memory ~ M.
+void check_simt_limits(const std::array<int64_t, 5>& dims) {
+  const auto [Bi, Bt, n, M, d] = dims;
+  TORCH_CHECK(M <= 1024, "late_interaction (CUDA): at most 1024 sentence slots (M), got ", M);
+  TORCH_CHECK(Bi <= 65535, "late_interaction (CUDA): at most 65535 images (Bi) per call, got ", Bi);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> late_interaction_fwd(
     const at::Tensor& P, const at::Tensor& S, const at::Tensor& sent_mask,
     const std::optional<at::Tensor>& patch_mask, const at::Tensor& zero_slot, bool save_sentence_argmax) {
   const auto dims = check_late_interaction_inputs(P, S, sent_mask, patch_mask, zero_slot);
+  check_simt_limits(dims);
   const auto [Bi, Bt, n, M, d] = dims;
   const c10::cuda::CUDAGuard guard(P.device());
   const auto opts = P.options().dtype(accumulate_dtype(P.scalar_type()));
@@ -83,11 +89,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> late_interaction_fwd(
   return {zI, zT, win_patch, win_sentence};
 }
 
-std::tuple<at::Tensor, at::Tensor> late_interaction_bwd(
-    const at::Tensor& grad_zI, const at::Tensor& grad_zT, const at::Tensor& P, const at::Tensor& S,
-    const at::Tensor& sent_mask, const std::optional<at::Tensor>& patch_mask, const at::Tensor& zero_slot,
-    const at::Tensor& win_patch, const at::Tensor& win_sentence) {
-  const auto dims = check_late_interaction_inputs(P, S, sent_mask, patch_mask, zero_slot);
+// The backward's gradient and winner arguments; returns whether the image-side winners must be
+// recomputed (win_sentence empty).
+bool check_bwd_inputs(const at::Tensor& grad_zI, const at::Tensor& grad_zT, const at::Tensor& win_patch,
+                      const at::Tensor& win_sentence, const std::array<int64_t, 5>& dims) {
   const auto [Bi, Bt, n, M, d] = dims;
   TORCH_CHECK(grad_zI.sizes() == at::IntArrayRef({Bi, Bt}) && grad_zT.sizes() == at::IntArrayRef({Bi, Bt}),
               "late_interaction_bwd: grad_zI and grad_zT must be [Bi, Bt] = [", Bi, ", ", Bt, "]");
@@ -97,6 +102,17 @@ std::tuple<at::Tensor, at::Tensor> late_interaction_bwd(
   TORCH_CHECK(recompute || (win_sentence.sizes() == at::IntArrayRef({Bi, Bt, n}) &&
                             win_sentence.scalar_type() == index_dtype(M)),
               "late_interaction_bwd: win_sentence must be the forward's [Bi, Bt, n] index tensor or empty");
+  return recompute;
+}
+
+std::tuple<at::Tensor, at::Tensor> late_interaction_bwd(
+    const at::Tensor& grad_zI, const at::Tensor& grad_zT, const at::Tensor& P, const at::Tensor& S,
+    const at::Tensor& sent_mask, const std::optional<at::Tensor>& patch_mask, const at::Tensor& zero_slot,
+    const at::Tensor& win_patch, const at::Tensor& win_sentence) {
+  const auto dims = check_late_interaction_inputs(P, S, sent_mask, patch_mask, zero_slot);
+  check_simt_limits(dims);
+  const auto [Bi, Bt, n, M, d] = dims;
+  const bool recompute = check_bwd_inputs(grad_zI, grad_zT, win_patch, win_sentence, dims);
   const c10::cuda::CUDAGuard guard(P.device());
   const auto acc = accumulate_dtype(P.scalar_type());
   const LIInputs in = li_inputs(P, S, sent_mask, patch_mask, zero_slot, dims);
@@ -110,6 +126,70 @@ std::tuple<at::Tensor, at::Tensor> late_interaction_bwd(
                                          recompute, gP_acc.data_ptr(), gS_acc.data_ptr(), gP.data_ptr(),
                                          gS.data_ptr()),
                "late_interaction backward");
+  return {gP, gS};
+}
+
+// ----------------------------------------------------------------------------------------------
+// The tensor-core kernels (late_interaction_tc.cu): same contract and outputs as the ops above.
+// Inputs they do not cover (fp32 / fp64, M > 128, d not a multiple of 8, a device older than
+// sm_80) run the SIMT kernels, with a one-time warning saying why.
+// ----------------------------------------------------------------------------------------------
+// cp.async copies 16-byte pieces: a view starting off a 16-byte boundary is copied first.
+at::Tensor aligned16(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone(at::MemoryFormat::Contiguous);
+}
+
+bool tc_usable(const LIInputs& in) {
+  const char* why = late_interaction_tc_unsupported(in.args);
+  if (why == nullptr) return true;
+  TORCH_WARN_ONCE("egma_fast late_interaction: ", why, "; using the SIMT CUDA kernels for such inputs");
+  return false;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> late_interaction_tc_fwd(
+    const at::Tensor& P, const at::Tensor& S, const at::Tensor& sent_mask,
+    const std::optional<at::Tensor>& patch_mask, const at::Tensor& zero_slot, bool save_sentence_argmax) {
+  const auto dims = check_late_interaction_inputs(P, S, sent_mask, patch_mask, zero_slot);
+  const auto [Bi, Bt, n, M, d] = dims;
+  const c10::cuda::CUDAGuard guard(P.device());
+  const LIInputs in = li_inputs(aligned16(P), aligned16(S), sent_mask, patch_mask, zero_slot, dims);
+  if (!tc_usable(in)) return late_interaction_fwd(P, S, sent_mask, patch_mask, zero_slot, save_sentence_argmax);
+  const auto opts = P.options().dtype(at::kFloat);
+  at::Tensor zI = at::empty({Bi, Bt}, opts), zT = at::empty({Bi, Bt}, opts);
+  // Zero-filled: only real slots (patches) get a winner written, as in the SIMT kernels.
+  at::Tensor win_patch = at::zeros({Bi, Bt, M}, P.options().dtype(index_dtype(n)));
+  at::Tensor win_sentence = save_sentence_argmax ? at::zeros({Bi, Bt, n}, P.options().dtype(index_dtype(M)))
+                                                 : at::empty({0}, P.options().dtype(index_dtype(M)));
+  check_launch(late_interaction_tc_forward(in.args, zI.data_ptr(), zT.data_ptr(), index_ptr(win_patch),
+                                           save_sentence_argmax ? index_ptr(win_sentence) : IndexPtr{nullptr, 1}),
+               "late_interaction forward (tensor cores)");
+  return {zI, zT, win_patch, win_sentence};
+}
+
+std::tuple<at::Tensor, at::Tensor> late_interaction_tc_bwd(
+    const at::Tensor& grad_zI, const at::Tensor& grad_zT, const at::Tensor& P, const at::Tensor& S,
+    const at::Tensor& sent_mask, const std::optional<at::Tensor>& patch_mask, const at::Tensor& zero_slot,
+    const at::Tensor& win_patch, const at::Tensor& win_sentence) {
+  const auto dims = check_late_interaction_inputs(P, S, sent_mask, patch_mask, zero_slot);
+  const auto [Bi, Bt, n, M, d] = dims;
+  const bool recompute = check_bwd_inputs(grad_zI, grad_zT, win_patch, win_sentence, dims);
+  const c10::cuda::CUDAGuard guard(P.device());
+  const LIInputs in = li_inputs(aligned16(P), aligned16(S), sent_mask, patch_mask, zero_slot, dims);
+  if (!tc_usable(in)) {
+    return late_interaction_bwd(grad_zI, grad_zT, P, S, sent_mask, patch_mask, zero_slot, win_patch, win_sentence);
+  }
+  if (Bi == 0 || Bt == 0) return {at::zeros({Bi, n, d}, P.options()), at::zeros({Bt, M, d}, S.options())};
+  at::Tensor gzI = grad_zI.to(at::kFloat).contiguous(), gzT = grad_zT.to(at::kFloat).contiguous();
+  at::Tensor win = win_patch.contiguous();
+  // Recompute: the forward kernel fills a transient [Bi, Bt, n] buffer (B^2 n bytes during the backward).
+  at::Tensor jstar = recompute ? at::empty({Bi, Bt, n}, P.options().dtype(index_dtype(M))) : win_sentence.contiguous();
+  at::Tensor scales = at::empty({Bi + Bt}, P.options().dtype(at::kFloat));
+  at::Tensor gP = at::empty({Bi, n, d}, P.options()), gS = at::empty({Bt, M, d}, S.options());
+  check_launch(late_interaction_tc_backward(in.args, gzI.data_ptr(), gzT.data_ptr(), index_ptr(win),
+                                            index_ptr(jstar), recompute, scales.data_ptr(), gP.data_ptr(),
+                                            gS.data_ptr()),
+               "late_interaction backward (tensor cores)");
   return {gP, gS};
 }
 
@@ -193,9 +273,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_map_bwd(
 }  // namespace cuda
 }  // namespace egma
 
+// The tensor-core variants exist only in CUDA builds; egma_fast/ops/cpp_backend.py calls them when
+// EGMA_FAST_CUDA_KERNELS=tensor_core (and registers their fake and autograd implementations).
+TORCH_LIBRARY_FRAGMENT(egma_fast_C, m) {
+  m.def(
+      "late_interaction_tc_fwd(Tensor P, Tensor S, Tensor sent_mask, Tensor? patch_mask, Tensor zero_slot, "
+      "bool save_sentence_argmax) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "late_interaction_tc_bwd(Tensor grad_zI, Tensor grad_zT, Tensor P, Tensor S, Tensor sent_mask, "
+      "Tensor? patch_mask, Tensor zero_slot, Tensor win_patch, Tensor win_sentence) -> (Tensor, Tensor)");
+}
+
 TORCH_LIBRARY_IMPL(egma_fast_C, CUDA, m) {
   m.impl("late_interaction_fwd", &egma::cuda::late_interaction_fwd);
   m.impl("late_interaction_bwd", &egma::cuda::late_interaction_bwd);
+  m.impl("late_interaction_tc_fwd", &egma::cuda::late_interaction_tc_fwd);
+  m.impl("late_interaction_tc_bwd", &egma::cuda::late_interaction_tc_bwd);
   m.impl("cross_map_fwd", &egma::cuda::cross_map_fwd);
   m.impl("cross_map_bwd", &egma::cuda::cross_map_bwd);
 }

@@ -22,10 +22,18 @@ and torch.library.opcheck accept them, and the backends whose functions have the
 
 The extension is built by ``pip install --no-build-isolation -e .`` (setup.py), never at import.
 Without it this module raises ImportError and the registry falls back to the PyTorch backend.
+
+CUDA kernels of late_interaction: ``EGMA_FAST_CUDA_KERNELS=simt`` (the default) runs the SIMT
+kernels above; ``EGMA_FAST_CUDA_KERNELS=tensor_core`` runs ``late_interaction_tc_fwd`` /
+``late_interaction_tc_bwd`` instead (same schemas and contract; csrc/cuda/late_interaction_tc.cu:
+mma.sync tensor-core kernels for bf16 / fp16 on sm_80+, the SIMT kernels with a one-time warning
+for other inputs). Read at every call; set it before the forward. The tensor-core kernels stay
+opt-in until GPU runs have validated them (tests/test_cpp_gpu.py, benchmarks/bench_cuda_tc.py).
 """
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -54,10 +62,13 @@ except OSError as exc:  # a broken shared library
     raise ImportError(f"the compiled extension egma_fast._C failed to load ({exc}); {_REBUILD_HINT}") from exc
 
 __all__ = [
+    "CUDA_KERNELS_ENV",
     "SAVE_SENTENCE_ARGMAX_MAX_BYTES",
+    "TENSOR_CORE_SAVE_SENTENCE_ARGMAX_MAX_BYTES",
     "UNAVAILABLE",
     "WITH_CUDA",
     "cross_map",
+    "cuda_kernels",
     "late_interaction",
 ]
 
@@ -81,6 +92,30 @@ UNAVAILABLE: dict[str, str] = (
 SAVE_SENTENCE_ARGMAX_MAX_BYTES: dict[str, int] = {"cpu": 256 << 20, "cuda": 0}
 
 _ops = torch.ops.egma_fast_C
+
+# ----------------------------------------------------------------------------------------------
+# Which CUDA kernels late_interaction runs (issue 11): SIMT (default) or tensor cores (opt-in).
+# ----------------------------------------------------------------------------------------------
+#: Environment variable selecting the CUDA kernels of late_interaction: "simt" or "tensor_core".
+CUDA_KERNELS_ENV = "EGMA_FAST_CUDA_KERNELS"
+_CUDA_KERNEL_CHOICES = ("simt", "tensor_core")
+
+#: With the tensor-core kernels the forward saves each (image, text, patch)'s winning sentence
+#: (Bi * Bt * n bytes) up to this size, so the backward is two GEMMs without recomputation; above
+#: it the backward reruns the forward kernel into a transient buffer of that size.
+TENSOR_CORE_SAVE_SENTENCE_ARGMAX_MAX_BYTES: int = 4 << 30
+
+#: Whether this build has the tensor-core ops (every build with CUDA kernels does).
+_HAS_TENSOR_CORE_OPS: bool = WITH_CUDA and hasattr(_ops, "late_interaction_tc_fwd")
+
+
+def cuda_kernels() -> str:
+    """The CUDA kernels late_interaction uses on CUDA tensors: EGMA_FAST_CUDA_KERNELS, "simt" by default."""
+    value = os.environ.get(CUDA_KERNELS_ENV, "").strip().lower() or "simt"
+    if value not in _CUDA_KERNEL_CHOICES:
+        raise ValueError(f"{CUDA_KERNELS_ENV} must be one of {', '.join(_CUDA_KERNEL_CHOICES)}; got {value!r}")
+    return value
+
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -129,18 +164,30 @@ def _late_interaction_setup(ctx, inputs, output):
     ctx.save_for_backward(P, S, sent_mask, patch_mask, zero_slot, win_patch, win_sentence)
 
 
-def _late_interaction_backward(ctx, grad_zI, grad_zT, _grad_win_patch, _grad_win_sentence):
-    P, S, sent_mask, patch_mask, zero_slot, win_patch, win_sentence = ctx.saved_tensors
-    grad_P, grad_S = _ops.late_interaction_bwd(
-        grad_zI, grad_zT, P, S, sent_mask, patch_mask, zero_slot, win_patch, win_sentence
-    )
-    needs = ctx.needs_input_grad
-    return (grad_P if needs[0] else None, grad_S if needs[1] else None, None, None, None, None)
+def _late_interaction_backward_with(bwd_op):
+    def backward(ctx, grad_zI, grad_zT, _grad_win_patch, _grad_win_sentence):
+        P, S, sent_mask, patch_mask, zero_slot, win_patch, win_sentence = ctx.saved_tensors
+        grad_P, grad_S = bwd_op(grad_zI, grad_zT, P, S, sent_mask, patch_mask, zero_slot, win_patch, win_sentence)
+        needs = ctx.needs_input_grad
+        return (grad_P if needs[0] else None, grad_S if needs[1] else None, None, None, None, None)
 
+    return backward
+
+
+_late_interaction_backward = _late_interaction_backward_with(_ops.late_interaction_bwd)
 
 torch.library.register_autograd(
     "egma_fast_C::late_interaction_fwd", _late_interaction_backward, setup_context=_late_interaction_setup
 )
+
+if _HAS_TENSOR_CORE_OPS:  # same shapes and autograd formula, the tensor-core backward
+    torch.library.register_fake("egma_fast_C::late_interaction_tc_fwd")(_late_interaction_fwd_fake)
+    torch.library.register_fake("egma_fast_C::late_interaction_tc_bwd")(_late_interaction_bwd_fake)
+    torch.library.register_autograd(
+        "egma_fast_C::late_interaction_tc_fwd",
+        _late_interaction_backward_with(_ops.late_interaction_tc_bwd),
+        setup_context=_late_interaction_setup,
+    )
 
 
 def _cross_map_setup(ctx, inputs, output):
@@ -196,13 +243,17 @@ def late_interaction(
     P, S = _same_dtype(P, S)
     Bi, n, _ = P.shape
     Bt = S.shape[0]
-    limit = SAVE_SENTENCE_ARGMAX_MAX_BYTES.get(P.device.type, 0)
+    tensor_cores = P.device.type == "cuda" and _HAS_TENSOR_CORE_OPS and cuda_kernels() == "tensor_core"
+    if tensor_cores:
+        limit, forward = TENSOR_CORE_SAVE_SENTENCE_ARGMAX_MAX_BYTES, _ops.late_interaction_tc_fwd
+    else:
+        limit, forward = SAVE_SENTENCE_ARGMAX_MAX_BYTES.get(P.device.type, 0), _ops.late_interaction_fwd
     save = Bi * Bt * n * _index_dtype(S.shape[1]).itemsize <= limit
     if patch_mask is not None:
         patch_mask = patch_mask.bool()
     sent_mask = sent_mask.bool()
     zero_slot = text_zero_slots(sent_mask, pad_as_zero)
-    zI, zT, _, _ = _ops.late_interaction_fwd(P, S, sent_mask, patch_mask, zero_slot, save)
+    zI, zT, _, _ = forward(P, S, sent_mask, patch_mask, zero_slot, save)
     return zI, zT
 
 
