@@ -245,6 +245,24 @@ def run_loss(backend: str, preset: str, inputs, *, device: str = "cpu", dtype: t
     return out, (P.grad, S.grad, loss_fn.logit_scale.grad)
 
 
+def run_reference_loss(preset: str, inputs, *, dtype: torch.dtype | None = None, **overrides):
+    """reference.egma_loss on run_loss's inputs, with the oracle's own glue (pooling, regimes,
+    combination, total): (output, (dP, dS, dt)). A backend's EGMALoss matching it checks
+    egma_fast.loss_terms too."""
+    P, S, mask, heat, has_gaze = inputs
+    config = EGMAConfig.preset(preset, **overrides)
+    dtype = dtype or P.dtype
+    P = P.to(dtype).clone().requires_grad_()
+    S = S.to(dtype).clone().requires_grad_()
+    # EGMALoss's parameter: created in float32, then cast with the module.
+    t = torch.full((1,), config.logit_scale_init).to(P.device, dtype).requires_grad_()
+    gaze = bool(has_gaze.any())
+    GS = reference.pool_gaze(heat.to(dtype), P.shape[1], config.gaze_pool) if gaze else None
+    out = reference.egma_loss(P, S, mask, t, config, GS, has_gaze if gaze else None)
+    out.total.backward()
+    return out, (P.grad, S.grad, t.grad)
+
+
 def assert_late_interaction_deterministic(fn, case: Case) -> None:
     """Two runs of fn (reference.late_interaction's signature) give bitwise-equal scores and
     gradients: the fused backends promise no atomics."""

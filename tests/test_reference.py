@@ -397,3 +397,19 @@ def test_official_logit_scale_inplace_clamp():
     t2 = torch.nn.Parameter(t64([5.0]))
     reference.logit_scale_to_alpha(t2, PAPER).backward()
     assert t2.item() == 5.0 and t2.grad.item() == 0.0  # paper: differentiable clamp
+
+
+@pytest.mark.parametrize("mode", ["area_max", "bilinear_antialias"])
+@pytest.mark.parametrize("h,w,n", [(12, 12, 9), (37, 53, 49), (224, 200, 49), (5, 3, 16), (7, 7, 49), (30, 11, 196)])
+def test_pool_gaze_oracle_matches_production(mode, h, w, n):
+    """reference.pool_gaze (explicit resize weights) and loss_terms.pool_gaze (torch's interpolate /
+    adaptive pooling, what the loss runs): shrinking, enlarging, non-divisible sizes."""
+    from egma_fast import loss_terms
+
+    g = torch.Generator().manual_seed(h * w + n)
+    heat = torch.rand(2, 3, h, w, generator=g, dtype=torch.float64)
+    heat[0, 1] = 0.0  # an all-zero sentence stays zero
+    want = loss_terms.pool_gaze(heat, n, mode)
+    got = reference.pool_gaze(heat, n, mode)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[0, 1], torch.zeros(n, dtype=torch.float64))
