@@ -138,7 +138,9 @@ def _ce_rows(logits: torch.Tensor, offset: int) -> torch.Tensor:
 
 def _pad_sentences_across_ranks(S: torch.Tensor, mask: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad S [b, M, d] and mask [b, M] to the largest M of any rank (masked slots), so that ranks
-    whose batches hold different sentence counts can gather; check the local batch sizes agree."""
+    whose batches hold different sentence counts can gather; check the local batch sizes agree.
+
+    The one host sync of the distributed path: the padding width is a shape."""
     shapes = all_gather_no_grad(torch.tensor([[b, S.shape[1]]], device=S.device))
     if bool((shapes[:, 0] != b).any()):
         raise ValueError(f"every rank must pass the same local batch size to the distributed loss; got {shapes[:, 0].tolist()}")

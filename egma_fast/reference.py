@@ -2,7 +2,8 @@
 
 It follows shared/SPEC.md section by section, for both presets and every option, vectorised over
 the batch. It materialises the B x B x n x M similarity tensor (that is what the fused kernels
-avoid) and is exact in float64. It depends on torch alone.
+avoid) and is exact in float64. It depends on torch and the config (and the two shared types
+below).
 
 Shapes used throughout:
     B, Bi, Bt   batch (images, texts)          n   patches per image

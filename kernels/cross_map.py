@@ -142,6 +142,19 @@ def _load_gaze(GS, b, rows, vj, g, n, M, M_PAD: tl.constexpr):
 
 
 @triton.jit
+def _instance_tiles(SMASK, USE_GAZE, THETA, ALPHA, A0, GS, n, M, N_PAD: tl.constexpr, M_PAD: tl.constexpr):
+    """This program's instance b (grid axis 0) with its whole tiles: _instance's values, the patch
+    indices i [N_PAD] and their validity rv, A0[b] [N_PAD, M_PAD], A = alpha A0, and the gaze gz
+    as MLCE sees it (_load_gaze)."""
+    b = tl.program_id(0).to(tl.int64)
+    j, vj, m, g, theta, alpha = _instance(SMASK, USE_GAZE, THETA, ALPHA, b, M, M_PAD)
+    i = tl.arange(0, N_PAD)
+    rv = i < n
+    a0 = _load_a0(A0, b, i, n, M, M_PAD)
+    return b, j, vj, m, g, theta, alpha, i, rv, a0, alpha * a0, _load_gaze(GS, b, i, vj, g, n, M, M_PAD)
+
+
+@triton.jit
 def _i2t_weights(a, gz, vj, m, g, theta, k_s, floor, THRESHOLD: tl.constexpr, M_PAD: tl.constexpr):
     """W_i2t for a block of patch rows: a [R, M_PAD] alpha-scaled scores, gz [R, M_PAD] gaze; rows
     over the valid sentences."""
@@ -246,13 +259,8 @@ def _cm_fwd_kernel(P, S, SMASK, GS, USE_GAZE, THETA, ALPHA, A0, TERMS, LSE_COL,
                    MSE: tl.constexpr, EGM_GAZE: tl.constexpr, GRAD_MODE: tl.constexpr):
     """One program per instance b: TERMS[b] = (mlce_s2p, mlce_p2s, egm_image, egm_text), and the
     column log-sum-exp of the image-side logits (LSE_COL[b], reused by the backward)."""
-    b = tl.program_id(0).to(tl.int64)
-    j, vj, m, g, theta, alpha = _instance(SMASK, USE_GAZE, THETA, ALPHA, b, M, M_PAD)
-    i = tl.arange(0, N_PAD)
-    rv = i < n
-    a0 = _load_a0(A0, b, i, n, M, M_PAD)
-    a = alpha * a0
-    gz = _load_gaze(GS, b, i, vj, g, n, M, M_PAD)
+    b, j, vj, m, g, theta, alpha, i, rv, a0, a, gz = _instance_tiles(SMASK, USE_GAZE, THETA, ALPHA, A0, GS, n, M,
+                                                                      N_PAD, M_PAD)
     zero = alpha * 0.0
     s2p = zero
     p2s = zero
@@ -323,13 +331,8 @@ def _cm_bwd_scores_kernel(P, S, SMASK, GS, USE_GAZE, THETA, ALPHA, A0, LSE_COL, 
     """One program per instance b: DA_FULL[b] (+ DA_ROWS[b] for the threshold omega) = dLoss/dA0
     (alpha folded in) and DALPHA[b] = this instance's share of dLoss/dalpha. GTERMS[b] holds the
     upstream gradients of the 4 terms."""
-    b = tl.program_id(0).to(tl.int64)
-    j, vj, m, g, theta, alpha = _instance(SMASK, USE_GAZE, THETA, ALPHA, b, M, M_PAD)
-    i = tl.arange(0, N_PAD)
-    rv = i < n
-    a0 = _load_a0(A0, b, i, n, M, M_PAD)
-    a = alpha * a0
-    gz = _load_gaze(GS, b, i, vj, g, n, M, M_PAD)
+    b, j, vj, m, g, theta, alpha, i, rv, a0, a, gz = _instance_tiles(SMASK, USE_GAZE, THETA, ALPHA, A0, GS, n, M,
+                                                                      N_PAD, M_PAD)
     # da: gradient w.r.t. the scaled scores A = alpha A0 (MLCE, omega); da0: w.r.t. A0 through the
     # CLIP logits' A0 factor (alpha included); dal: w.r.t. alpha through the logits.
     da = tl.zeros((N_PAD, M_PAD), dtype=tl.float32)

@@ -24,6 +24,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawn_ranks(target, arg) -> list:
+    """Run target(rank, port, arg, queue) in WORLD spawned processes; their queued results by rank."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=target, args=(r, port, arg, queue)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in range(WORLD))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
+
+
 def _inputs(preset: str):
     g = torch.Generator().manual_seed(7)
     B, n, M, d = 6, 9, 3, 8
@@ -74,16 +89,7 @@ def test_two_ranks_match_one(preset):
     out = loss_fn(leaves[0], leaves[1], mask, gaze_scores=GS, has_gaze=has_gaze, image_embeddings=leaves[2], text_embeddings=leaves[3])
     out.total.backward()
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_run_rank, args=(r, port, preset, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in range(WORLD))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = _spawn_ranks(_run_rank, preset)
 
     mean_loss = sum(r[1] for r in results) / WORLD
     assert mean_loss == pytest.approx(out.total.item(), rel=1e-10)
@@ -200,16 +206,7 @@ def test_official_across_ranks_is_the_authors_packing(backend: str) -> None:
         best = [torch.einsum("knd,md->knm", P, S_rows[l][flat(2)[l]]).max(dim=2).values for l in (0, 4)]
     assert all(bool((b < 0).any()) for b in best)
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_official_rank, args=(r, port, backend, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in range(WORLD))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = _spawn_ranks(_official_rank, backend)
 
     tol = dict(rtol=1e-9, atol=1e-12)
     assert sum(r[1] for r in results) / WORLD == pytest.approx(want.item(), rel=1e-9)
