@@ -67,12 +67,10 @@ std::array<int64_t, 4> check_cross_map_inputs(const at::Tensor& P, const at::Ten
   return {B, n, M, d};
 }
 
-CrossMapOptions cross_map_options(bool threshold_omega, int64_t k_sentences, int64_t k_patches, double floor_value,
-                                  bool single_mse, double gaze_threshold, bool with_mlce, bool with_egm) {
-  TORCH_CHECK(k_sentences >= 1, "cross_map: k_sentences must be >= 1, got ", k_sentences);
-  TORCH_CHECK(k_patches >= 1, "cross_map: k_patches must be >= 1, got ", k_patches);
-  return CrossMapOptions{threshold_omega, k_sentences, k_patches, floor_value, single_mse, gaze_threshold,
-                         with_mlce, with_egm};
+CrossMapOptions cross_map_options(const CrossMapOptions& options) {
+  TORCH_CHECK(options.k_sentences >= 1, "cross_map: k_sentences must be >= 1, got ", options.k_sentences);
+  TORCH_CHECK(options.k_patches >= 1, "cross_map: k_patches must be >= 1, got ", options.k_patches);
+  return options;
 }
 
 }  // namespace egma

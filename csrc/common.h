@@ -17,7 +17,9 @@
 
 namespace egma {
 
-// Static options of cross_map (reference.CrossMapParams), flattened for the kernels.
+// Static options of cross_map (egma_fast.ops.CrossMapParams), flattened for the kernels. A new
+// option goes here, in CrossMapParams (its OP_SCHEMA and op_args) and in ops.h's
+// EGMA_CROSS_MAP_OPTION_* macros, in the same order.
 struct CrossMapOptions {
   bool threshold_omega;   // "threshold" (official) instead of "topk" (paper)
   int64_t k_sentences;    // top-k over a patch's sentences (clipped to m_k)
@@ -27,6 +29,7 @@ struct CrossMapOptions {
   double gaze_threshold;  // GL = GS > gaze_threshold
   bool with_mlce;
   bool with_egm;
+  bool egm_use_gaze;      // EGM adds the gaze prior (else EGM sees no gaze; MLCE still does)
 };
 
 EGMA_INLINE float egma_exp(float x) { return expf(x); }

@@ -17,32 +17,21 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_map_fwd_cpu(
     const at::Tensor& P, const at::Tensor& S, const at::Tensor& sent_mask, const at::Tensor& GS,
-    const at::Tensor& use_gaze, const at::Tensor& theta, const at::Tensor& alpha, bool threshold_omega,
-    int64_t k_sentences, int64_t k_patches, double floor_value, bool single_mse, double gaze_threshold, bool with_mlce,
-    bool with_egm) {
-  return cpu::cross_map_fwd(P, S, sent_mask, GS, use_gaze, theta, alpha,
-                            cross_map_options(threshold_omega, k_sentences, k_patches, floor_value, single_mse,
-                                              gaze_threshold, with_mlce, with_egm));
+    const at::Tensor& use_gaze, const at::Tensor& theta, const at::Tensor& alpha, EGMA_CROSS_MAP_OPTION_PARAMS) {
+  return cpu::cross_map_fwd(P, S, sent_mask, GS, use_gaze, theta, alpha, EGMA_CROSS_MAP_OPTIONS);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_map_bwd_cpu(
     const at::Tensor& grad_mlce_s2p, const at::Tensor& grad_mlce_p2s, const at::Tensor& grad_egm_image,
     const at::Tensor& grad_egm_text, const at::Tensor& P, const at::Tensor& S, const at::Tensor& sent_mask,
     const at::Tensor& GS, const at::Tensor& use_gaze, const at::Tensor& theta, const at::Tensor& alpha,
-    bool threshold_omega, int64_t k_sentences, int64_t k_patches, double floor_value, bool single_mse,
-    double gaze_threshold, bool with_mlce, bool with_egm) {
+    EGMA_CROSS_MAP_OPTION_PARAMS) {
   return cpu::cross_map_bwd(grad_mlce_s2p, grad_mlce_p2s, grad_egm_image, grad_egm_text, P, S, sent_mask, GS,
-                            use_gaze, theta, alpha,
-                            cross_map_options(threshold_omega, k_sentences, k_patches, floor_value, single_mse,
-                                              gaze_threshold, with_mlce, with_egm));
+                            use_gaze, theta, alpha, EGMA_CROSS_MAP_OPTIONS);
 }
 
 }  // namespace
 }  // namespace egma
-
-#define EGMA_CROSS_MAP_PARAMS                                                                                \
-  "bool threshold_omega, int k_sentences, int k_patches, float floor_value, bool single_mse, "             \
-  "float gaze_threshold, bool with_mlce, bool with_egm"
 
 TORCH_LIBRARY(egma_fast_C, m) {
   m.set_python_module("egma_fast.ops.cpp_backend");
@@ -57,12 +46,12 @@ TORCH_LIBRARY(egma_fast_C, m) {
   // Returns (mlce_s2p, mlce_p2s, egm_image, egm_text), each [B].
   m.def(
       "cross_map_fwd(Tensor P, Tensor S, Tensor sent_mask, Tensor GS, Tensor use_gaze, Tensor theta, "
-      "Tensor alpha, " EGMA_CROSS_MAP_PARAMS ") -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor alpha, " EGMA_CROSS_MAP_OPTION_SCHEMA ") -> (Tensor, Tensor, Tensor, Tensor)");
   // Returns (grad_P, grad_S, grad_alpha).
   m.def(
       "cross_map_bwd(Tensor grad_mlce_s2p, Tensor grad_mlce_p2s, Tensor grad_egm_image, Tensor grad_egm_text, "
       "Tensor P, Tensor S, Tensor sent_mask, Tensor GS, Tensor use_gaze, Tensor theta, Tensor alpha, "
-      EGMA_CROSS_MAP_PARAMS ") -> (Tensor, Tensor, Tensor)");
+      EGMA_CROSS_MAP_OPTION_SCHEMA ") -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(egma_fast_C, CPU, m) {

@@ -36,8 +36,22 @@ std::array<int64_t, 5> check_late_interaction_inputs(const at::Tensor& P, const 
 std::array<int64_t, 4> check_cross_map_inputs(const at::Tensor& P, const at::Tensor& S, const at::Tensor& sent_mask,
                                               const at::Tensor& GS, const at::Tensor& use_gaze,
                                               const at::Tensor& theta, const at::Tensor& alpha);
-CrossMapOptions cross_map_options(bool threshold_omega, int64_t k_sentences, int64_t k_patches, double floor_value,
-                                  bool single_mse, double gaze_threshold, bool with_mlce, bool with_egm);
+
+// cross_map's options in the op schemas (egma_fast.ops.CrossMapParams.OP_SCHEMA, in that order; a
+// test compares them): the schema text, the C++ parameters of an implementation, and the
+// CrossMapOptions they make (checked).
+#define EGMA_CROSS_MAP_OPTION_SCHEMA                                                                  \
+  "bool threshold_omega, int k_sentences, int k_patches, float floor_value, bool single_mse, "      \
+  "float gaze_threshold, bool with_mlce, bool with_egm, bool egm_use_gaze"
+#define EGMA_CROSS_MAP_OPTION_PARAMS                                                                  \
+  bool threshold_omega, int64_t k_sentences, int64_t k_patches, double floor_value, bool single_mse, \
+      double gaze_threshold, bool with_mlce, bool with_egm, bool egm_use_gaze
+#define EGMA_CROSS_MAP_OPTIONS                                                                        \
+  ::egma::cross_map_options(::egma::CrossMapOptions{threshold_omega, k_sentences, k_patches, floor_value,     \
+                                            single_mse, gaze_threshold, with_mlce, with_egm, egm_use_gaze})
+
+// The options after their checks (k >= 1).
+CrossMapOptions cross_map_options(const CrossMapOptions& options);
 
 namespace cpu {
 

@@ -47,6 +47,10 @@ class EGMAConfig:
     lambda_mlce: float = 1.0
 
     # --- SPEC 3: EGM cross-modal mapping ----------------------------------------------------
+    #: EGM adds the gaze prior GS to its weights (SPEC 3.1 - 3.2; the paper). False (the authors'
+    #: released code, whose forward() calls the gaze-free EGM): EGM uses no gaze and every sample
+    #: takes the no-gaze-batch regime (theta and weights), while MLCE still uses the gaze.
+    egm_use_gaze: bool = True
     #: Row sparsifier omega: top-k binarisation (paper) or min-max threshold (official).
     egm_omega: Omega = "topk"
     #: k for rows over sentences (each patch keeps its k best sentences).
@@ -80,7 +84,9 @@ class EGMAConfig:
     logit_scale_clamp: LogitScaleClamp = "clamp"
 
     # --- input checking -------------------------------------------------------------------------
-    #: Check every input for NaN/Inf (one fused reduction per tensor; costs a device sync).
+    #: Check every input and the log logit scale for NaN/Inf (one fused min/max pass per tensor,
+    #: asserted on the device: no host sync). The other value checks (mask values, gaze in
+    #: [0, 1], a real sentence per text) always run, on the device too.
     check_finite: bool = True
 
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -140,6 +146,7 @@ PRESETS: dict[str, EGMAConfig] = {
         egm_weights=(0.7, 0.3),
         egm_weights_mixed_no_gaze=(0.5, 0.5),
         egm_single_sentence="mse",
+        egm_use_gaze=False,
         lambda_clip=0.0,
         lambda_egm=0.0,
         logit_scale_clamp="inplace",

@@ -23,51 +23,32 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from egma_fast import ops, reference
+from egma_fast import ops
 from egma_fast.config import EGMAConfig, resolve_config
 from egma_fast.distributed import all_gather_no_grad, all_gather_with_grad, all_reduce_sum, world
-from egma_fast.reference import clip_loss, combine_terms, cross_map_params, egm_sample_thetas, mlce
+from egma_fast.loss_terms import (
+    EGMALossOutput,
+    clip_loss,
+    combine_terms,
+    cross_map_params,
+    egm_sample_thetas,
+    logit_scale_to_alpha,
+    mlce,
+    pool_gaze,
+)
 from egma_fast.validation import (
     check_features,
     check_finite,
+    check_gaze_values,
     check_has_gaze,
     check_same,
-    check_unit_interval,
+    device_assert,
     sentence_mask_from,
 )
 
 BACKEND_NAMES = ("auto", "torch", "triton", "cpp", "cuda")
 
 __all__ = ["EGMALoss", "EGMALossOutput", "clip_loss", "egf_loss", "egm_loss", "egma_loss", "mlce"]
-
-
-@dataclass
-class EGMALossOutput:
-    """The total loss, every part (0-d tensors) and the alpha-scaled pooled scores.
-
-    scores_image / scores_text: zhat^I and zhat^T of SPEC 2.1, [B_local, B_global] (rows are this
-    rank's images, columns all texts of the global batch; [B, B] without distribution).
-    """
-
-    total: torch.Tensor
-    loss_c: torch.Tensor
-    loss_mlce: torch.Tensor
-    loss_egm: torch.Tensor
-    loss_clip: torch.Tensor
-    scores_image: torch.Tensor
-    scores_text: torch.Tensor
-    logit_scale: torch.Tensor  # alpha = e^t after clamping (0-d)
-
-    def parts(self) -> dict[str, float]:
-        """Plain floats for logging."""
-        return {
-            "loss": float(self.total.detach()),
-            "loss_c": float(self.loss_c.detach()),
-            "loss_mlce": float(self.loss_mlce.detach()),
-            "loss_egm": float(self.loss_egm.detach()),
-            "loss_clip": float(self.loss_clip.detach()),
-            "logit_scale": float(self.logit_scale.detach()),
-        }
 
 
 @dataclass
@@ -106,28 +87,25 @@ def _prepare(
 
     if gaze_heatmaps is not None and gaze_scores is not None:
         raise ValueError("pass gaze_heatmaps [B, M, h, w] or gaze_scores [B, M, n], not both")
+    # Gaze is data: GS carries no gradient to the heatmaps or scores (SPEC 3.1; every backend).
     if gaze_heatmaps is not None:
         check_features("gaze_heatmaps", gaze_heatmaps, 4, "[B, M, h, w]")
         if gaze_heatmaps.shape[:2] != (B, M) or gaze_heatmaps.device != P.device:
             raise ValueError(f"gaze_heatmaps must have shape [B, M, h, w] = [{B}, {M}, h, w] on {P.device}, got {tuple(gaze_heatmaps.shape)} on {gaze_heatmaps.device}")
-        if config.check_finite:
-            check_finite("gaze_heatmaps", gaze_heatmaps)
-        check_unit_interval("gaze_heatmaps", gaze_heatmaps)
-        GS = reference.pool_gaze(gaze_heatmaps, n, config.gaze_pool).to(P.dtype)
+        check_gaze_values("gaze_heatmaps", gaze_heatmaps, config.check_finite)
+        GS = pool_gaze(gaze_heatmaps.detach(), n, config.gaze_pool).to(P.dtype)
     elif gaze_scores is not None:
         check_features("gaze_scores", gaze_scores, 3, "[B, M, n]")
         if gaze_scores.shape != (B, M, n) or gaze_scores.device != P.device:
             raise ValueError(f"gaze_scores must have shape [B, M, n] = [{B}, {M}, {n}] on {P.device}, got {tuple(gaze_scores.shape)} on {gaze_scores.device}")
-        if config.check_finite:
-            check_finite("gaze_scores", gaze_scores)
-        check_unit_interval("gaze_scores", gaze_scores)
-        GS = gaze_scores.to(P.dtype)
+        check_gaze_values("gaze_scores", gaze_scores, config.check_finite)
+        GS = gaze_scores.detach().to(P.dtype)
     else:
         GS = None
     if has_gaze is not None:
         has_gaze = check_has_gaze(has_gaze, B, P.device)
-        if GS is None and bool(has_gaze.any()):
-            raise ValueError("has_gaze marks samples with gaze, but neither gaze_heatmaps nor gaze_scores was given")
+        if GS is None:
+            device_assert(~has_gaze.any(), "has_gaze marks samples with gaze, but neither gaze_heatmaps nor gaze_scores was given")
     else:
         has_gaze = torch.full((B,), GS is not None, dtype=torch.bool, device=P.device)
     if GS is None:
@@ -160,7 +138,9 @@ def _ce_rows(logits: torch.Tensor, offset: int) -> torch.Tensor:
 
 def _pad_sentences_across_ranks(S: torch.Tensor, mask: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad S [b, M, d] and mask [b, M] to the largest M of any rank (masked slots), so that ranks
-    whose batches hold different sentence counts can gather; check the local batch sizes agree."""
+    whose batches hold different sentence counts can gather; check the local batch sizes agree.
+
+    The one host sync of the distributed path: the padding width is a shape."""
     shapes = all_gather_no_grad(torch.tensor([[b, S.shape[1]]], device=S.device))
     if bool((shapes[:, 0] != b).any()):
         raise ValueError(f"every rank must pass the same local batch size to the distributed loss; got {shapes[:, 0].tolist()}")
@@ -190,14 +170,17 @@ def _egma_forward(
     b, n, _ = P.shape
     rank, size = world() if distributed else (0, 1)
     offset = rank * b
-    alpha = reference.logit_scale_to_alpha(logit_scale, config)
+    if config.check_finite:
+        check_finite("logit_scale", logit_scale)  # before the in-place clamp could hide an Inf
+    alpha = logit_scale_to_alpha(logit_scale, config)
     # Scores and cross-entropies run in fp32 (float64 for float64 inputs, so gradcheck is exact).
     cdtype = torch.float64 if P.dtype == torch.float64 else torch.float32
     alpha32 = alpha.to(cdtype)
 
     # --- L_c: local images against all texts (and local texts against all images) -----------
     if size > 1:
-        # Ranks may hold different sentence counts: gather at the largest (masked slots).
+        # Ranks may hold different sentence counts: gather at the largest (masked slots). The
+        # op decides official's zero slots from this gathered mask: m_max of the global batch.
         S_pad, mask_pad = _pad_sentences_across_ranks(S, mask, b)
         S_all, mask_all = all_gather_with_grad(S_pad), all_gather_no_grad(mask_pad)
     else:
@@ -208,7 +191,9 @@ def _egma_forward(
     if config.t2i_over_images:
         if size > 1:
             P_all = all_gather_with_grad(P)
-            _, zT_cols = ops.late_interaction(P_all, S, mask, pad_as_zero=config.pad_as_zero, backend=backend)
+            # Only zT of this call is used: the text side never sees the zero slots, so the
+            # local mask cannot misplace them.
+            _, zT_cols = ops.late_interaction(P_all, S, mask, pad_as_zero=False, backend=backend)
             text_term = _ce_rows(alpha32 * zT_cols.to(cdtype).t(), offset)
         else:
             text_term = _ce_rows(zT.t(), 0)
@@ -226,7 +211,7 @@ def _egma_forward(
     if params.with_mlce or params.with_egm:
         theta = egm_sample_thetas(use_gaze, batch_has_gaze, config)
         terms = ops.cross_map(P, S, mask, x.GS, use_gaze, theta, alpha, params, backend=backend)
-        terms = reference.CrossMapTerms(*(t.to(cdtype) for t in terms))
+        terms = ops.CrossMapTerms(*(t.to(cdtype) for t in terms))
         loss_mlce, loss_egm = combine_terms(terms, use_gaze, batch_has_gaze, config, n_gaze=n_gaze.to(cdtype) / size, batch_size=b)
 
     # --- optional global CLIP term --------------------------------------------------------
@@ -237,8 +222,7 @@ def _egma_forward(
         zt_all = all_gather_with_grad(zt) if size > 1 else zt
         loss_clip = 0.5 * (_ce_rows(alpha32 * zi @ zt_all.t(), offset) + _ce_rows(alpha32 * zt @ zi_all.t(), offset))
 
-    total = config.lambda_clip * loss_clip + loss_c + config.lambda_mlce * loss_mlce + config.lambda_egm * loss_egm
-    return EGMALossOutput(total, loss_c, loss_mlce, loss_egm, loss_clip, zI, zT, alpha)
+    return EGMALossOutput.assemble(config, loss_c, loss_mlce, loss_egm, loss_clip, zI, zT, alpha)
 
 
 def egma_loss(

@@ -2,7 +2,8 @@
 
 It follows shared/SPEC.md section by section, for both presets and every option, vectorised over
 the batch. It materialises the B x B x n x M similarity tensor (that is what the fused kernels
-avoid) and is exact in float64. It depends on torch alone.
+avoid) and is exact in float64. It depends on torch and the config (and the two shared types
+below).
 
 Shapes used throughout:
     B, Bi, Bt   batch (images, texts)          n   patches per image
@@ -12,24 +13,29 @@ Shapes used throughout:
 Two functions here are the contracts of the fused ops (egma_fast.ops): :func:`late_interaction`
 and :func:`cross_map`. A backend implements exactly their values and gradients.
 
+Nothing in production imports this module (a test asserts it): the loss's glue lives in
+egma_fast.loss_terms, and this file states SPEC.md on its own, so a test of a backend's loss
+against :func:`egma_loss` checks that glue too. It shares only the op's argument types
+(egma_fast.ops.arguments) and the loss's output type.
+
 Ties: every max / min here goes through ``torch.max(dim)`` / ``torch.min(dim)`` or a stable sort,
 so the gradient goes entirely to the first maximiser / minimiser (SPEC 2.1).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from egma_fast.config import EGMAConfig
+from egma_fast.loss_terms import EGMALossOutput
+from egma_fast.ops.arguments import CrossMapParams, CrossMapTerms
 
 __all__ = [
     "CrossMapParams",
     "CrossMapTerms",
-    "EGMATerms",
+    "EGMALossOutput",
     "clip_loss",
     "cross_map",
     "cross_map_params",
@@ -53,18 +59,16 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 # SPEC 1: logit scale
 # ----------------------------------------------------------------------------------------------
 def logit_scale_to_alpha(t: torch.Tensor, config: EGMAConfig) -> torch.Tensor:
-    """alpha = e^t with t clamped to [0, logit_scale_max].
+    """alpha = e^t, t clamped to [0, logit_scale_max] (a 0-d tensor).
 
-    ``clamp``: differentiable clamp (gradient zero outside the range). ``inplace``: the authors'
-    ``logit_scale.data = clamp(...)``: the stored value is clamped in place, gradient unmasked.
-    Returns a 0-d tensor.
+    paper (``clamp``): alpha = exp(clamp(t)), no gradient outside the range. official
+    (``inplace``): the authors' ``logit_scale.data = torch.clamp(logit_scale.data, 0, 4.6052)``,
+    then exp(t) with an unmasked gradient.
     """
-    t = t.reshape(())
     if config.logit_scale_clamp == "inplace":
-        with torch.no_grad():
-            t.clamp_(0.0, config.logit_scale_max)
-        return t.exp()
-    return t.clamp(0.0, config.logit_scale_max).exp()
+        t.data.clamp_(0.0, config.logit_scale_max)
+        return torch.exp(t.reshape(()))
+    return torch.exp(torch.clamp(t.reshape(()), min=0.0, max=config.logit_scale_max))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,27 +154,57 @@ def fine_grained_contrastive(zI: torch.Tensor, zT: torch.Tensor, t2i_over_images
 # ----------------------------------------------------------------------------------------------
 # SPEC 2.3: gaze pooling
 # ----------------------------------------------------------------------------------------------
+def _area_weights(size: int, g: int) -> torch.Tensor:
+    """[g, size] float64: output cell i is the mean of input pixels floor(i size / g) up to
+    ceil((i + 1) size / g) - 1 (adaptive average pooling's cells)."""
+    W = torch.zeros(g, size, dtype=torch.float64)
+    for i in range(g):
+        lo, hi = (i * size) // g, -(-(i + 1) * size // g)
+        W[i, lo:hi] = 1.0 / (hi - lo)
+    return W
+
+
+def _antialiased_bilinear_weights(size: int, g: int) -> torch.Tensor:
+    """[g, size] float64: PIL's (and torchvision's antialiased) bilinear resize. Output pixel i,
+    centred at (i + 1/2) size / g in input pixels, weighs input pixel x by the triangle filter
+    1 - |x + 1/2 - centre| / s, widened to s = size / g when shrinking (s = 1 when enlarging), over
+    the pixels within s of the centre; the weights are normalised to sum to 1."""
+    scale = size / g
+    s = max(scale, 1.0)
+    W = torch.zeros(g, size, dtype=torch.float64)
+    for i in range(g):
+        centre = (i + 0.5) * scale
+        for x in range(max(int(centre - s + 0.5), 0), min(int(centre + s + 0.5), size)):
+            W[i, x] = max(0.0, 1.0 - abs(x + 0.5 - centre) / s)
+        W[i] /= W[i].sum()
+    return W
+
+
 def pool_gaze(heatmaps: torch.Tensor, n: int, mode: str) -> torch.Tensor:
-    """Pool sentence heatmaps [B, M, h, w] onto the sqrt(n) x sqrt(n) patch grid -> GS [B, M, n].
+    """Pool sentence heatmaps [B, M, h, w] onto the sqrt(n) x sqrt(n) patch grid -> GS [B, M, n]
+    (SPEC 2.3), as separable linear maps GS = W_h H W_w^T, row-major (the encoder's order).
 
     ``bilinear_antialias``: torchvision Resize((g, g), antialias=True) arithmetic, no
     renormalisation (official). ``area_max``: area averaging, then division by each sentence's
-    maximum; an all-zero heatmap stays zero (paper). Row-major flattening (the encoder's order).
+    maximum; an all-zero heatmap stays zero (paper).
     """
     g = math.isqrt(n)
     if g * g != n:
         raise ValueError(f"n (patches) must be a perfect square to pool heatmaps onto a grid, got {n}")
     B, M, h, w = heatmaps.shape
-    x = heatmaps.reshape(B * M, 1, h, w).to(_compute_dtype(heatmaps))
     if mode == "bilinear_antialias":
-        pooled = F.interpolate(x, size=(g, g), mode="bilinear", antialias=True, align_corners=False)
+        Wh, Ww = _antialiased_bilinear_weights(h, g), _antialiased_bilinear_weights(w, g)
     elif mode == "area_max":
-        pooled = F.adaptive_avg_pool2d(x, (g, g))
-        peak = pooled.amax(dim=(2, 3), keepdim=True)
-        pooled = torch.where(peak > 0, pooled / peak.clamp_min(torch.finfo(pooled.dtype).tiny), torch.zeros_like(pooled))
+        Wh, Ww = _area_weights(h, g), _area_weights(w, g)
     else:
         raise ValueError(f"gaze_pool must be 'area_max' or 'bilinear_antialias', got {mode!r}")
-    return pooled.reshape(B, M, n)
+    dtype = _compute_dtype(heatmaps)
+    Wh, Ww = Wh.to(heatmaps.device, dtype), Ww.to(heatmaps.device, dtype)
+    pooled = torch.einsum("ih,bmhw,jw->bmij", Wh, heatmaps.to(dtype), Ww).reshape(B, M, n)
+    if mode == "area_max":
+        peak = pooled.max(dim=2, keepdim=True).values
+        pooled = torch.where(peak > 0, pooled / torch.where(peak > 0, peak, 1.0), 0.0)
+    return pooled
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,67 +229,36 @@ def mlce(scores: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None 
 # ----------------------------------------------------------------------------------------------
 # SPEC 2.4 and 3: per-instance terms on the matched pairs  (contract of ops.cross_map)
 # ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CrossMapParams:
-    """Static options of the per-instance op (hashable: fast backends specialise on them)."""
-
-    omega: str = "topk"  # "topk" | "threshold"
-    k_sentences: int = 1  # top-k over sentences (rows of A); clipped to m_k
-    k_patches: int = 7  # top-k over patches (rows of T); clipped to n
-    floor: float = 0.01  # threshold omega: + floor after thresholding
-    single_sentence: str = "drop"  # m_k = 1: "drop" | "mse"
-    gaze_threshold: float = 0.0  # GL = GS > gaze_threshold
-    with_mlce: bool = True
-    with_egm: bool = True
-
-
-class CrossMapTerms(NamedTuple):
-    """Per-sample outputs of :func:`cross_map`, each [B] (float32, float64 for float64 inputs)."""
-
-    mlce_s2p: torch.Tensor  # fL^{S2P}_k (0 where use_gaze is False or with_mlce is off)
-    mlce_p2s: torch.Tensor  # fL^{P2S}_k
-    egm_image: torch.Tensor  # mL^I_k (0 where dropped / off)
-    egm_text: torch.Tensor  # mL^T_k
-
-
 def cross_map_params(config: EGMAConfig, n: int) -> CrossMapParams:
-    """The static op options a config implies for n patches."""
+    """The op options a config states (SPEC 2.4, 3) for images of n patches."""
+    k_patches = config.egm_topk_patches if config.egm_topk_patches is not None else math.ceil(n / 7)
     return CrossMapParams(
-        omega=config.egm_omega,
-        k_sentences=config.egm_topk_sentences,
-        k_patches=config.topk_patches(n),
-        floor=config.egm_floor,
-        single_sentence=config.egm_single_sentence,
-        gaze_threshold=config.gaze_threshold,
-        with_mlce=config.lambda_mlce > 0,
-        with_egm=config.lambda_egm > 0,
+        omega=config.egm_omega, k_sentences=config.egm_topk_sentences, k_patches=max(1, min(k_patches, n)),
+        floor=config.egm_floor, single_sentence=config.egm_single_sentence, gaze_threshold=config.gaze_threshold,
+        with_mlce=config.lambda_mlce > 0, with_egm=config.lambda_egm > 0, egm_use_gaze=config.egm_use_gaze,
     )
+
+
+def _egm_regimes(use_gaze: torch.Tensor, batch_has_gaze: bool | torch.Tensor, config: EGMAConfig) -> torch.Tensor:
+    """SPEC 3.1's regime of each sample, [B] int: 0 batch without gaze maps (every sample), 1 gaze
+    sample in a batch with gaze, 2 sample without gaze in a batch with gaze. Without
+    egm_use_gaze, EGM sees no gaze: every sample is in regime 0."""
+    batch = torch.as_tensor(batch_has_gaze, device=use_gaze.device) & config.egm_use_gaze
+    return torch.where(batch, torch.where(use_gaze, 1, 2), 0)
 
 
 def egm_sample_thetas(use_gaze: torch.Tensor, batch_has_gaze: bool | torch.Tensor, config: EGMAConfig) -> torch.Tensor:
-    """theta per sample for the threshold omega (SPEC 3.1 regimes), float32 [B].
-
-    batch_has_gaze may be a 0-d bool tensor: the regime is then picked on the device, without a
-    host sync."""
-    dev = use_gaze.device
-    with_gaze = torch.where(
-        use_gaze,
-        torch.tensor(config.egm_theta_gaze, dtype=torch.float32, device=dev),
-        torch.tensor(config.egm_theta_mixed_no_gaze, dtype=torch.float32, device=dev),
-    )
-    no_gaze = torch.tensor(config.egm_theta_no_gaze_batch, dtype=torch.float32, device=dev)
-    return torch.where(torch.as_tensor(batch_has_gaze, device=dev), with_gaze, no_gaze)
+    """theta of the threshold omega per sample, float32 [B], by regime (SPEC 3.1)."""
+    table = torch.tensor([config.egm_theta_no_gaze_batch, config.egm_theta_gaze, config.egm_theta_mixed_no_gaze],
+                         dtype=torch.float32, device=use_gaze.device)
+    return table[_egm_regimes(use_gaze, batch_has_gaze, config)]
 
 
 def egm_sample_weights(use_gaze: torch.Tensor, batch_has_gaze: bool | torch.Tensor, config: EGMAConfig) -> torch.Tensor:
-    """(w_I, w_T) per sample [B, 2]: egm_weights, except samples without gaze in a batch with gaze.
-    batch_has_gaze: a bool or a 0-d bool tensor (no host sync)."""
-    dev = use_gaze.device
-    full = torch.tensor(config.egm_weights, dtype=torch.float32, device=dev)
-    mixed = torch.tensor(config.egm_weights_mixed_no_gaze, dtype=torch.float32, device=dev)
-    # Only samples without gaze in a batch that has some take the mixed weights.
-    takes_full = use_gaze | ~torch.as_tensor(batch_has_gaze, device=dev)
-    return torch.where(takes_full[:, None], full, mixed)
+    """(w_I, w_T) per sample, float32 [B, 2], by regime (SPEC 3.1, 3.2)."""
+    table = torch.tensor([config.egm_weights, config.egm_weights, config.egm_weights_mixed_no_gaze],
+                         dtype=torch.float32, device=use_gaze.device)
+    return table[_egm_regimes(use_gaze, batch_has_gaze, config)]
 
 
 def _topk_binary(x: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -328,11 +331,13 @@ def cross_map(
     Args:
         P [B, n, d], S [B, M, d], sent_mask [B, M] bool.
         GS [B, M, n]: pooled gaze in [0, 1] (ignored where use_gaze is False and on masked slots).
-        use_gaze [B] bool: the sample's gaze prior and MLCE are used.
+        use_gaze [B] bool: the sample has gaze: MLCE, and the EGM gaze prior when
+            params.egm_use_gaze (without it EGM sees no gaze at all).
         theta [B] float: the threshold omega's theta per sample (SPEC 3.1 regimes; unused by topk).
         alpha: 0-d logit scale (differentiable).
         params: static options.
-    Returns: CrossMapTerms of [B] tensors. Gradients flow to P, S and alpha (not GS, theta).
+    Returns: CrossMapTerms of [B] tensors. Gradients flow to P, S and alpha; GS and theta are data
+    (no gradient, whatever their requires_grad).
     """
     dtype = _compute_dtype(P, S)
     P = P.to(dtype)
@@ -341,7 +346,8 @@ def cross_map(
     B, n, _ = P.shape
     M = S.shape[1]
     valid = sent_mask.bool()
-    gaze = GS.to(dtype) * (use_gaze[:, None, None] & valid[:, :, None]).to(dtype)  # [B, M, n]
+    GS, theta = GS.detach(), theta.detach()
+    gaze = GS.to(dtype) * (use_gaze[:, None, None] & valid[:, :, None]).to(dtype)  # [B, M, n], MLCE's
     m = valid.sum(dim=1)  # [B]
     zeros = torch.zeros(B, dtype=dtype, device=P.device)
 
@@ -360,6 +366,9 @@ def cross_map(
 
     egm_image, egm_text = zeros, zeros
     if params.with_egm:
+        # EGM's view of the gaze (SPEC 3.2): none at all without egm_use_gaze.
+        egm_gaze_flag = use_gaze & params.egm_use_gaze
+        gaze = gaze * params.egm_use_gaze
         valid_A = valid[:, None, :].expand(B, n, M)  # rows over sentences
         all_T = torch.ones(B, M, n, dtype=torch.bool, device=P.device)  # rows over patches
         if params.omega == "topk":
@@ -371,7 +380,7 @@ def cross_map(
                 w_t2i = w_t2i * valid[:, :, None].to(dtype)
         elif params.omega == "threshold":
             th = theta.to(dtype)[:, None, None]
-            g = use_gaze[:, None, None]
+            g = egm_gaze_flag[:, None, None]
             a_tilde = _minmax_rows(A, valid_A, m[:, None].expand(B, n))
             t_tilde = _minmax_rows(T, all_T, torch.full((B, M), n, device=P.device))
             a_pre = torch.where(g, a_tilde + gaze.transpose(1, 2) / 2, a_tilde)
@@ -407,45 +416,6 @@ def cross_map(
 # ----------------------------------------------------------------------------------------------
 # SPEC 4: the total
 # ----------------------------------------------------------------------------------------------
-class EGMATerms(NamedTuple):
-    """Every part of the loss (0-d tensors) and the alpha-scaled pooled score matrices [B, B]."""
-
-    total: torch.Tensor
-    loss_c: torch.Tensor
-    loss_mlce: torch.Tensor
-    loss_egm: torch.Tensor
-    loss_clip: torch.Tensor
-    scores_image: torch.Tensor
-    scores_text: torch.Tensor
-    alpha: torch.Tensor
-
-
-def combine_terms(
-    terms: CrossMapTerms,
-    use_gaze: torch.Tensor,
-    batch_has_gaze: bool | torch.Tensor,
-    config: EGMAConfig,
-    n_gaze: torch.Tensor | int | None = None,
-    batch_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """L_MLCE and L_EGM from the per-sample terms.
-
-    n_gaze / batch_size default to this batch's; the distributed loss passes global counts so
-    that per-rank losses average to the global one.
-    """
-    dtype = terms.mlce_s2p.dtype
-    w_s2p, w_p2s = config.mlce_weights
-    per_sample_mlce = w_s2p * terms.mlce_s2p + w_p2s * terms.mlce_p2s
-    if n_gaze is None:
-        n_gaze = use_gaze.sum()
-    n_gaze = torch.as_tensor(n_gaze, dtype=dtype, device=per_sample_mlce.device)
-    loss_mlce = torch.where(use_gaze, per_sample_mlce, torch.zeros_like(per_sample_mlce)).sum() / n_gaze.clamp_min(1.0)
-    weights = egm_sample_weights(use_gaze, batch_has_gaze, config).to(dtype)
-    per_sample_egm = weights[:, 0] * terms.egm_image + weights[:, 1] * terms.egm_text
-    loss_egm = per_sample_egm.sum() / (batch_size if batch_size is not None else per_sample_egm.shape[0])
-    return loss_mlce, loss_egm
-
-
 def egma_loss(
     P: torch.Tensor,
     S: torch.Tensor,
@@ -456,32 +426,40 @@ def egma_loss(
     has_gaze: torch.Tensor | None = None,
     image_embeddings: torch.Tensor | None = None,
     text_embeddings: torch.Tensor | None = None,
-) -> EGMATerms:
-    """The whole EGMA loss of SPEC 4 on one (non-distributed) batch.
+) -> EGMALossOutput:
+    """The whole EGMA loss of SPEC 4 on one (non-distributed) batch, with every part.
 
     Args: P [B, n, d], S [B, M, d], sent_mask [B, M], logit_scale t (0-d or [1]), GS [B, M, n]
     pre-pooled gaze (None: no gaze), has_gaze [B] bool, global embeddings [B, d] (needed when
     lambda_clip > 0).
     """
     B, n, _ = P.shape
+    dtype = _compute_dtype(P, S)
     alpha = logit_scale_to_alpha(logit_scale, config)
+    a = alpha.to(dtype)
     if has_gaze is None or GS is None:
         has_gaze = torch.zeros(B, dtype=torch.bool, device=P.device)
         GS = torch.zeros(B, S.shape[1], n, dtype=P.dtype, device=P.device)
-    dtype = _compute_dtype(P, S)
-    zI, zT = late_interaction(P, S, sent_mask, pad_as_zero=config.pad_as_zero)
-    zI, zT = alpha.to(dtype) * zI, alpha.to(dtype) * zT
-    loss_c = fine_grained_contrastive(zI, zT, config.t2i_over_images)
 
+    # SPEC 2: L_EGF = L_c + lambda_mlce L_MLCE
+    zI, zT = late_interaction(P, S, sent_mask, pad_as_zero=config.pad_as_zero)
+    zI, zT = a * zI, a * zT
+    loss_c = fine_grained_contrastive(zI, zT, config.t2i_over_images)
     batch_has_gaze = bool(has_gaze.any())
     theta = egm_sample_thetas(has_gaze, batch_has_gaze, config)
     terms = cross_map(P, S, sent_mask, GS, has_gaze, theta, alpha, cross_map_params(config, n))
-    loss_mlce, loss_egm = combine_terms(terms, has_gaze, batch_has_gaze, config)
+    w_s2p, w_p2s = config.mlce_weights
+    # (1/|G|) over the gaze samples G; 0 when there are none (their terms are 0).
+    loss_mlce = (w_s2p * terms.mlce_s2p + w_p2s * terms.mlce_p2s).sum() / max(int(has_gaze.sum()), 1)
+
+    # SPEC 3.2: L_EGM = (1/B) sum_k (w_I mL^I_k + w_T mL^T_k)
+    w = egm_sample_weights(has_gaze, batch_has_gaze, config).to(dtype)
+    loss_egm = (w[:, 0] * terms.egm_image + w[:, 1] * terms.egm_text).mean()
 
     loss_clip = torch.zeros((), dtype=dtype, device=P.device)
     if config.lambda_clip > 0:
         if image_embeddings is None or text_embeddings is None:
             raise ValueError("image_embeddings and text_embeddings are required when lambda_clip > 0")
-        loss_clip = clip_loss(alpha.to(dtype) * image_embeddings.to(dtype) @ text_embeddings.to(dtype).t())
+        loss_clip = clip_loss(a * image_embeddings.to(dtype) @ text_embeddings.to(dtype).t())
     total = config.lambda_clip * loss_clip + loss_c + config.lambda_mlce * loss_mlce + config.lambda_egm * loss_egm
-    return EGMATerms(total, loss_c, loss_mlce, loss_egm, loss_clip, zI, zT, alpha)
+    return EGMALossOutput(total, loss_c, loss_mlce, loss_egm, loss_clip, zI, zT, alpha)

@@ -83,7 +83,8 @@ def variants(n: int, M: int, d: int, dtype: torch.dtype, *, ops: tuple[str, ...]
     """Every kernel launch the GPU launchers can make for features of this (n, M, d, dtype):
     the launchers' fixed block sizes, each tuning config (only the first with
     ``all_configs=False``), late interaction with saved and (``modes``) recomputed winners, and for
-    cross_map both weight rules with every term enabled (its largest code paths)."""
+    cross_map both weight rules with every term enabled (its largest code paths), each with its
+    preset's EGM gaze setting (paper: top-k with gaze; official: threshold without)."""
     out: list[Variant] = []
     ints = dict(n=n, M=M, d=d, sPb=n * d, sPn=d, sSb=M * d, sSm=d)
     if "late_interaction" in ops:
@@ -104,7 +105,7 @@ def variants(n: int, M: int, d: int, dtype: torch.dtype, *, ops: tuple[str, ...]
                                                        DOT_PREC=dot_precision(dtype)), all_configs, ints)
         for threshold in (False, True):
             opts = dict(N_PAD=c.N_PAD, M_PAD=c.M_PAD, THRESHOLD=threshold, WITH_EGM=True, MSE=True,
-                        GRAD_MODE=grad_mode(dtype))
+                        EGM_GAZE=not threshold, GRAD_MODE=grad_mode(dtype))
             rows = dict(opts, R=c.R, BLOCK_D=c.BLOCK_D, WITH_MLCE=True)
             out += _expand("cross_map", cm._fwd, rows, all_configs, ints)
             out += _expand("cross_map", cm._bwd_scores, rows, all_configs, ints)

@@ -17,6 +17,13 @@ Kernels (one program per instance, except the d-parallel A0 and feature-gradient
                           row-L1, threshold and min/max. Row-block contributions (image side) go to
                           a second [B, n, M] buffer, so each buffer element is written once.
     _cm_bwd_feat_kernel   dP = dA0 S (+ W_t2i^T dD), dS = dA0^T P (- dD) (grid B x d blocks).
+
+The launchers take the op's options as one egma_fast.ops.CrossMapParams (read by attribute: this
+package imports nothing from egma_fast). EGM_GAZE (params.egm_use_gaze) off: the EGM weights see
+no gaze (flag and GS zero) while the MLCE rows still use it.
+
+Limits: one program holds an instance's whole [n, M] and [M, M] tiles, so n and M are bounded by
+Triton's largest tensor (:func:`check_sizes`, called by the backend before any launch).
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.core import TRITON_MAX_TENSOR_NUMEL
 
 from .utils import (
     dot_precision,
@@ -40,7 +48,7 @@ from .utils import (
     topk_rows,
 )
 
-__all__ = ["CMBlocks", "cm_blocks", "cross_map_backward", "cross_map_forward"]
+__all__ = ["CMBlocks", "check_sizes", "cm_blocks", "cross_map_backward", "cross_map_forward", "max_slots"]
 
 
 @dataclass(frozen=True)
@@ -52,10 +60,8 @@ class CMBlocks:
     BLOCK_D: int  # d chunk
 
 
-def cm_blocks(n: int, M: int, d: int, dtype: torch.dtype) -> CMBlocks:
-    """Tile sizes for (n, M, d, dtype), independent of B."""
-    if interpreting():
-        return CMBlocks(N_PAD=next_pow2(n), M_PAD=next_pow2(M), R=4, R1=4, BLOCK_D=16)
+def cm_blocks_gpu(n: int, M: int, d: int, dtype: torch.dtype = torch.float32) -> CMBlocks:
+    """Tile sizes of the GPU launchers for (n, M, d, dtype), independent of B."""
     n_pad = max(16, next_pow2(n))
     return CMBlocks(
         N_PAD=n_pad,
@@ -64,6 +70,42 @@ def cm_blocks(n: int, M: int, d: int, dtype: torch.dtype) -> CMBlocks:
         R1=min(n_pad, 64),
         BLOCK_D=64 if dtype in (torch.bfloat16, torch.float16) else 32,
     )
+
+
+def cm_blocks(n: int, M: int, d: int, dtype: torch.dtype) -> CMBlocks:
+    """Tile sizes for (n, M, d, dtype), independent of B (small ones under the interpreter)."""
+    if interpreting():
+        return CMBlocks(N_PAD=next_pow2(n), M_PAD=next_pow2(M), R=4, R1=4, BLOCK_D=16)
+    return cm_blocks_gpu(n, M, d, dtype)
+
+
+def _largest_tile(n: int, M: int) -> int:
+    """Elements of the largest tile a program of the GPU launchers holds (the interpreter's tiles
+    are no larger): [M_PAD, M_PAD] text-side logits, [N_PAD, M_PAD] scores, [R, N_PAD] image-side
+    logits, d chunks."""
+    b = cm_blocks_gpu(n, M, 1)
+    return max(b.M_PAD * b.M_PAD, b.N_PAD * b.M_PAD, b.R * b.N_PAD, max(b.N_PAD, b.M_PAD) * 64)
+
+
+def max_slots(n: int) -> int:
+    """The largest sentence-slot count M the kernels take for n patches (0 if none)."""
+    M = 1
+    while _largest_tile(n, 2 * M) <= TRITON_MAX_TENSOR_NUMEL:
+        M *= 2
+    return M if _largest_tile(n, M) <= TRITON_MAX_TENSOR_NUMEL else 0
+
+
+def check_sizes(n: int, M: int) -> None:
+    """Raise ValueError, naming the limit, when one instance's tiles exceed Triton's largest tensor
+    (TRITON_MAX_TENSOR_NUMEL elements): the kernels keep an instance's n x M scores and M x M
+    logits in one tile each instead of tiling them."""
+    if _largest_tile(n, M) <= TRITON_MAX_TENSOR_NUMEL:
+        return
+    limit = max_slots(n)
+    raise ValueError(
+        f"backend='triton' cross_map supports at most M = {limit} sentence slots for n = {n} patches "
+        f"(one program holds an instance's padded n x M and M x M tiles, at most {TRITON_MAX_TENSOR_NUMEL} elements "
+        f"each), got M = {M}; pad sentences to fewer slots or use backend='cuda' or 'cpp'")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,6 +139,19 @@ def _load_gaze(GS, b, rows, vj, g, n, M, M_PAD: tl.constexpr):
     ok = (rows < n)[:, None] & vj[None, :]
     gz = tl.load(GS + (b * M + j)[None, :] * n + rows.to(tl.int64)[:, None], mask=ok, other=0.0).to(tl.float32)
     return tl.where(g, gz, 0.0)
+
+
+@triton.jit
+def _instance_tiles(SMASK, USE_GAZE, THETA, ALPHA, A0, GS, n, M, N_PAD: tl.constexpr, M_PAD: tl.constexpr):
+    """This program's instance b (grid axis 0) with its whole tiles: _instance's values, the patch
+    indices i [N_PAD] and their validity rv, A0[b] [N_PAD, M_PAD], A = alpha A0, and the gaze gz
+    as MLCE sees it (_load_gaze)."""
+    b = tl.program_id(0).to(tl.int64)
+    j, vj, m, g, theta, alpha = _instance(SMASK, USE_GAZE, THETA, ALPHA, b, M, M_PAD)
+    i = tl.arange(0, N_PAD)
+    rv = i < n
+    a0 = _load_a0(A0, b, i, n, M, M_PAD)
+    return b, j, vj, m, g, theta, alpha, i, rv, a0, alpha * a0, _load_gaze(GS, b, i, vj, g, n, M, M_PAD)
 
 
 @triton.jit
@@ -139,6 +194,41 @@ def _mlce_parts(a, gl, rv, vj):
     return neg_s, pos_s, neg_p, pos_p
 
 
+@triton.jit
+def _feature_chunk(P, S, b, i, j, rv, dd, d, M, sPb, sPn, sSb, sSm):
+    """P[b, i, dd] [len(i), len(dd)] and S[b, j, dd] [len(j), len(dd)], zero outside n, M and d."""
+    d_ok = dd < d
+    p = tl.load(P + b * sPb + i.to(tl.int64)[:, None] * sPn + dd[None, :], mask=rv[:, None] & d_ok[None, :], other=0.0)
+    s = tl.load(S + b * sSb + j[:, None] * sSm + dd[None, :], mask=(j < M)[:, None] & d_ok[None, :], other=0.0)
+    return p, s
+
+
+@triton.jit
+def _mse_residual(w_t, p, s, vj, dd, d, GRAD_MODE: tl.constexpr):
+    """Cross_S - S = W_t2i P - S on one d chunk (p, s from _feature_chunk), fp32, zero outside the
+    real slots and d: the m_k = 1 "mse" rule (SPEC 3.2)."""
+    cross = mixed_dot(w_t, p, tl.zeros((w_t.shape[0], p.shape[1]), dtype=tl.float32), GRAD_MODE)
+    return tl.where(vj[:, None] & (dd < d)[None, :], cross - s.to(tl.float32), 0.0)
+
+
+@triton.jit
+def _single_sentence_mse(P, S, b, i, j, rv, vj, w_t, acc, coef, M, d, sPb, sPn, sSb, sSm,
+                         BLOCK_D: tl.constexpr, GRAD_MODE: tl.constexpr, WITH_GRAD: tl.constexpr):
+    """The "mse" rule over all of d in chunks: returns (||W_t2i P - S||^2, acc), where with
+    WITH_GRAD acc gains d(coef ||.||^2) / dW_t2i = 2 coef (W_t2i P - S) P^T (else it is returned
+    unchanged and the square is summed)."""
+    sq = coef * 0.0
+    for d0 in range(0, d, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        p, s = _feature_chunk(P, S, b, i, j, rv, dd, d, M, sPb, sPn, sSb, sSm)
+        r = _mse_residual(w_t, p, s, vj, dd, d, GRAD_MODE)
+        if WITH_GRAD:
+            acc = mixed_dot(2.0 * coef * r, tl.trans(p), acc, GRAD_MODE)
+        else:
+            sq += tl.sum(tl.sum(r * r, axis=1), axis=0)
+    return sq, acc
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
@@ -166,16 +256,11 @@ def _cm_fwd_kernel(P, S, SMASK, GS, USE_GAZE, THETA, ALPHA, A0, TERMS, LSE_COL,
                    n, M, d, sPb, sPn, sSb, sSm, k_s, k_p, floor, tau,
                    N_PAD: tl.constexpr, M_PAD: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
                    THRESHOLD: tl.constexpr, WITH_MLCE: tl.constexpr, WITH_EGM: tl.constexpr,
-                   MSE: tl.constexpr, GRAD_MODE: tl.constexpr):
+                   MSE: tl.constexpr, EGM_GAZE: tl.constexpr, GRAD_MODE: tl.constexpr):
     """One program per instance b: TERMS[b] = (mlce_s2p, mlce_p2s, egm_image, egm_text), and the
     column log-sum-exp of the image-side logits (LSE_COL[b], reused by the backward)."""
-    b = tl.program_id(0).to(tl.int64)
-    j, vj, m, g, theta, alpha = _instance(SMASK, USE_GAZE, THETA, ALPHA, b, M, M_PAD)
-    i = tl.arange(0, N_PAD)
-    rv = i < n
-    a0 = _load_a0(A0, b, i, n, M, M_PAD)
-    a = alpha * a0
-    gz = _load_gaze(GS, b, i, vj, g, n, M, M_PAD)
+    b, j, vj, m, g, theta, alpha, i, rv, a0, a, gz = _instance_tiles(SMASK, USE_GAZE, THETA, ALPHA, A0, GS, n, M,
+                                                                      N_PAD, M_PAD)
     zero = alpha * 0.0
     s2p = zero
     p2s = zero
@@ -188,8 +273,10 @@ def _cm_fwd_kernel(P, S, SMASK, GS, USE_GAZE, THETA, ALPHA, A0, TERMS, LSE_COL,
         s2p = tl.where(g, s2p, 0.0)
         p2s = tl.where(g, p2s, 0.0)
     if WITH_EGM:
+        ge = g & EGM_GAZE  # the gaze flag as EGM sees it
         # Text side: M x M logits alpha * W_t2i A0, in registers.
-        w_t = _t2i_weights(tl.trans(a), tl.trans(gz), vj, n, g, theta, k_p, floor, THRESHOLD, N_PAD)
+        w_t = _t2i_weights(tl.trans(a), tl.trans(tl.where(ge, gz, 0.0)), vj, n, ge, theta, k_p, floor, THRESHOLD,
+                           N_PAD)
         lt = alpha * tl.dot(w_t, a0, input_precision="ieee")
         okt = vj[:, None] & vj[None, :]
         diag_t = tl.sum(tl.where(j[:, None] == j[None, :], lt, 0.0), axis=1)
@@ -206,7 +293,7 @@ def _cm_fwd_kernel(P, S, SMASK, GS, USE_GAZE, THETA, ALPHA, A0, TERMS, LSE_COL,
             rows = r0 + tl.arange(0, R)
             rvb = rows < n
             a0b = _load_a0(A0, b, rows, n, M, M_PAD)
-            wb = _i2t_weights(alpha * a0b, _load_gaze(GS, b, rows, vj, g, n, M, M_PAD), vj, m, g, theta, k_s, floor,
+            wb = _i2t_weights(alpha * a0b, _load_gaze(GS, b, rows, vj, ge, n, M, M_PAD), vj, m, ge, theta, k_s, floor,
                               THRESHOLD, M_PAD)
             li = alpha * tl.dot(wb, tl.trans(a0), input_precision="ieee")
             ok = rvb[:, None] & cv[None, :]
@@ -226,18 +313,8 @@ def _cm_fwd_kernel(P, S, SMASK, GS, USE_GAZE, THETA, ALPHA, A0, TERMS, LSE_COL,
         e_txt = tl.where(m != 1, clip_t, 0.0)
         if MSE:
             if m == 1:
-                sq = zero
-                for d0 in range(0, d, BLOCK_D):
-                    dd = d0 + tl.arange(0, BLOCK_D)
-                    d_ok = dd < d
-                    p = tl.load(P + b * sPb + i.to(tl.int64)[:, None] * sPn + dd[None, :],
-                                mask=rv[:, None] & d_ok[None, :], other=0.0)
-                    s = tl.load(S + b * sSb + j[:, None] * sSm + dd[None, :],
-                                mask=(j < M)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-                    cross = mixed_dot(w_t, p, tl.zeros((M_PAD, BLOCK_D), dtype=tl.float32), GRAD_MODE)
-                    diff = tl.where(vj[:, None] & d_ok[None, :], cross - s, 0.0)
-                    sq += tl.sum(tl.sum(diff * diff, axis=1), axis=0)
-                e_txt = sq
+                e_txt, _ = _single_sentence_mse(P, S, b, i, j, rv, vj, w_t, w_t, zero + 1.0, M, d, sPb, sPn, sSb, sSm,
+                                                BLOCK_D, GRAD_MODE, False)
     tl.store(TERMS + b * 4 + 0, s2p)
     tl.store(TERMS + b * 4 + 1, p2s)
     tl.store(TERMS + b * 4 + 2, e_img)
@@ -250,17 +327,12 @@ def _cm_bwd_scores_kernel(P, S, SMASK, GS, USE_GAZE, THETA, ALPHA, A0, LSE_COL, 
                           n, M, d, sPb, sPn, sSb, sSm, k_s, k_p, floor, tau,
                           N_PAD: tl.constexpr, M_PAD: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
                           THRESHOLD: tl.constexpr, WITH_MLCE: tl.constexpr, WITH_EGM: tl.constexpr,
-                          MSE: tl.constexpr, GRAD_MODE: tl.constexpr):
+                          MSE: tl.constexpr, EGM_GAZE: tl.constexpr, GRAD_MODE: tl.constexpr):
     """One program per instance b: DA_FULL[b] (+ DA_ROWS[b] for the threshold omega) = dLoss/dA0
     (alpha folded in) and DALPHA[b] = this instance's share of dLoss/dalpha. GTERMS[b] holds the
     upstream gradients of the 4 terms."""
-    b = tl.program_id(0).to(tl.int64)
-    j, vj, m, g, theta, alpha = _instance(SMASK, USE_GAZE, THETA, ALPHA, b, M, M_PAD)
-    i = tl.arange(0, N_PAD)
-    rv = i < n
-    a0 = _load_a0(A0, b, i, n, M, M_PAD)
-    a = alpha * a0
-    gz = _load_gaze(GS, b, i, vj, g, n, M, M_PAD)
+    b, j, vj, m, g, theta, alpha, i, rv, a0, a, gz = _instance_tiles(SMASK, USE_GAZE, THETA, ALPHA, A0, GS, n, M,
+                                                                      N_PAD, M_PAD)
     # da: gradient w.r.t. the scaled scores A = alpha A0 (MLCE, omega); da0: w.r.t. A0 through the
     # CLIP logits' A0 factor (alpha included); dal: w.r.t. alpha through the logits.
     da = tl.zeros((N_PAD, M_PAD), dtype=tl.float32)
@@ -279,10 +351,11 @@ def _cm_bwd_scores_kernel(P, S, SMASK, GS, USE_GAZE, THETA, ALPHA, A0, LSE_COL, 
         da += tl.where(vj[None, :], c_s * d_s, 0.0) + tl.where(rv[:, None], c_p * d_p, 0.0)
     if WITH_EGM:
         keep = m != 1  # both CLIP terms vanish for one-sentence texts (drop and mse alike)
+        ge = g & EGM_GAZE  # the gaze flag as EGM sees it
         # ---- text side: L_t = alpha W_t2i A0 [M_PAD, M_PAD] ----
         t = tl.trans(a)
-        gzt = tl.trans(gz)
-        w_t = _t2i_weights(t, gzt, vj, n, g, theta, k_p, floor, THRESHOLD, N_PAD)
+        gzt = tl.trans(tl.where(ge, gz, 0.0))
+        w_t = _t2i_weights(t, gzt, vj, n, ge, theta, k_p, floor, THRESHOLD, N_PAD)
         lt_raw = tl.dot(w_t, a0, input_precision="ieee")
         lt = alpha * lt_raw
         okt = vj[:, None] & vj[None, :]
@@ -301,20 +374,11 @@ def _cm_bwd_scores_kernel(P, S, SMASK, GS, USE_GAZE, THETA, ALPHA, A0, LSE_COL, 
             if MSE:
                 if m == 1:
                     # ||W_t2i P - S||^2: dW_t2i += 2 g (W_t2i P - S) P^T over valid slots.
-                    g_txt = tl.load(GTERMS + b * 4 + 3)
-                    for d0 in range(0, d, BLOCK_D):
-                        dd = d0 + tl.arange(0, BLOCK_D)
-                        d_ok = dd < d
-                        p = tl.load(P + b * sPb + i.to(tl.int64)[:, None] * sPn + dd[None, :],
-                                    mask=rv[:, None] & d_ok[None, :], other=0.0)
-                        s = tl.load(S + b * sSb + j[:, None] * sSm + dd[None, :],
-                                    mask=(j < M)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-                        cross = mixed_dot(w_t, p, tl.zeros((M_PAD, BLOCK_D), dtype=tl.float32), GRAD_MODE)
-                        dcross = tl.where(vj[:, None] & d_ok[None, :], 2.0 * g_txt * (cross - s), 0.0)
-                        dw_t = mixed_dot(dcross, tl.trans(p), dw_t, GRAD_MODE)
+                    _, dw_t = _single_sentence_mse(P, S, b, i, j, rv, vj, w_t, dw_t, tl.load(GTERMS + b * 4 + 3), M, d,
+                                                   sPb, sPn, sSb, sSm, BLOCK_D, GRAD_MODE, True)
             dt = threshold_weights_bwd(tl.where(vj[:, None], dw_t, 0.0), t,
                                        tl.broadcast_to(rv[None, :], t.shape), n, gzt,
-                                       tl.where(g, 0.5, 1.0), tl.where(g, 0.5, 0.0), theta, floor, N_PAD)
+                                       tl.where(ge, 0.5, 1.0), tl.where(ge, 0.5, 0.0), theta, floor, N_PAD)
             da += tl.trans(dt)
 
         # ---- image side: L_i = alpha W_i2t A0^T, rows in blocks of R ----
@@ -327,8 +391,8 @@ def _cm_bwd_scores_kernel(P, S, SMASK, GS, USE_GAZE, THETA, ALPHA, A0, LSE_COL, 
             rvb = rows < n
             a0b = _load_a0(A0, b, rows, n, M, M_PAD)
             ab = alpha * a0b
-            gzb = _load_gaze(GS, b, rows, vj, g, n, M, M_PAD)
-            wb = _i2t_weights(ab, gzb, vj, m, g, theta, k_s, floor, THRESHOLD, M_PAD)
+            gzb = _load_gaze(GS, b, rows, vj, ge, n, M, M_PAD)
+            wb = _i2t_weights(ab, gzb, vj, m, ge, theta, k_s, floor, THRESHOLD, M_PAD)
             li_raw = tl.dot(wb, tl.trans(a0), input_precision="ieee")
             li = alpha * li_raw
             ok = rvb[:, None] & cv[None, :]
@@ -342,7 +406,7 @@ def _cm_bwd_scores_kernel(P, S, SMASK, GS, USE_GAZE, THETA, ALPHA, A0, LSE_COL, 
             if THRESHOLD:
                 dwb = alpha * tl.dot(dli, a0, input_precision="ieee")
                 dab = threshold_weights_bwd(dwb, ab, tl.broadcast_to(vj[None, :], ab.shape), m, gzb,
-                                            1.0, tl.where(g, 0.5, 0.0), theta, floor, M_PAD)
+                                            1.0, tl.where(ge, 0.5, 0.0), theta, floor, M_PAD)
                 dal += tl.sum(tl.sum(dab * a0b, axis=1), axis=0)
                 tl.store(DA_ROWS + (b * n + rows.to(tl.int64))[:, None] * M + j[None, :], alpha * dab,
                          mask=rvb[:, None] & (j < M)[None, :])
@@ -357,31 +421,29 @@ def _cm_bwd_feat_kernel(P, S, SMASK, GS, USE_GAZE, THETA, ALPHA, A0, GTERMS, DA_
                         n, M, d, sPb, sPn, sSb, sSm, k_p, floor,
                         N_PAD: tl.constexpr, M_PAD: tl.constexpr, BLOCK_DO: tl.constexpr,
                         THRESHOLD: tl.constexpr, WITH_EGM: tl.constexpr, MSE: tl.constexpr,
-                        GRAD_MODE: tl.constexpr):
+                        EGM_GAZE: tl.constexpr, GRAD_MODE: tl.constexpr):
     """dP[b, :, dblock] = dA0 S[b, :, dblock] and dS[b, :, dblock] = dA0^T P[b, :, dblock], plus the
     direct terms of ||W_t2i P - S||^2 for one-sentence texts under the mse rule."""
     b = tl.program_id(0).to(tl.int64)
     dd = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     d_ok = dd < d
     j, vj, m, g, theta, alpha = _instance(SMASK, USE_GAZE, THETA, ALPHA, b, M, M_PAD)
+    ge = g & EGM_GAZE
     i = tl.arange(0, N_PAD)
     rv = i < n
     da0 = _load_a0(DA_FULL, b, i, n, M, M_PAD)
     if THRESHOLD:
         da0 += _load_a0(DA_ROWS, b, i, n, M, M_PAD)
-    p = tl.load(P + b * sPb + i.to(tl.int64)[:, None] * sPn + dd[None, :], mask=rv[:, None] & d_ok[None, :], other=0.0)
-    s = tl.load(S + b * sSb + j[:, None] * sSm + dd[None, :], mask=(j < M)[:, None] & d_ok[None, :], other=0.0)
+    p, s = _feature_chunk(P, S, b, i, j, rv, dd, d, M, sPb, sPn, sSb, sSm)
     dp = mixed_dot(da0, s, tl.zeros((N_PAD, BLOCK_DO), dtype=tl.float32), GRAD_MODE)
     ds = mixed_dot(tl.trans(da0), p, tl.zeros((M_PAD, BLOCK_DO), dtype=tl.float32), GRAD_MODE)
     if WITH_EGM:
         if MSE:
             if m == 1:
                 a0 = _load_a0(A0, b, i, n, M, M_PAD)
-                gz = _load_gaze(GS, b, i, vj, g, n, M, M_PAD)
-                w_t = _t2i_weights(tl.trans(alpha * a0), tl.trans(gz), vj, n, g, theta, k_p, floor, THRESHOLD, N_PAD)
-                cross = mixed_dot(w_t, p, tl.zeros((M_PAD, BLOCK_DO), dtype=tl.float32), GRAD_MODE)
-                g_txt = tl.load(GTERMS + b * 4 + 3)
-                dcross = tl.where(vj[:, None] & d_ok[None, :], 2.0 * g_txt * (cross - s.to(tl.float32)), 0.0)
+                gz = _load_gaze(GS, b, i, vj, ge, n, M, M_PAD)
+                w_t = _t2i_weights(tl.trans(alpha * a0), tl.trans(gz), vj, n, ge, theta, k_p, floor, THRESHOLD, N_PAD)
+                dcross = 2.0 * tl.load(GTERMS + b * 4 + 3) * _mse_residual(w_t, p, s, vj, dd, d, GRAD_MODE)
                 dp += tl.dot(tl.trans(w_t), dcross, input_precision="ieee")
                 ds -= dcross
     tl.store(DP + b * sPb + i.to(tl.int64)[:, None] * sPn + dd[None, :], dp.to(DP.dtype.element_ty),
@@ -410,23 +472,11 @@ _bwd_feat = _tuned(_cm_bwd_feat_kernel,
 _INTERPRET_BLOCK_DO = 16
 
 
-@dataclass(frozen=True)
-class CMOptions:
-    """The static options of reference.CrossMapParams, as the kernels take them."""
-
-    threshold: bool
-    k_sentences: int
-    k_patches: int
-    floor: float
-    mse: bool
-    gaze_threshold: float
-    with_mlce: bool
-    with_egm: bool
-
-
-def _meta(opts: CMOptions, blocks: CMBlocks, dtype: torch.dtype) -> dict:
-    meta = dict(N_PAD=blocks.N_PAD, M_PAD=blocks.M_PAD, THRESHOLD=opts.threshold, WITH_EGM=opts.with_egm,
-                MSE=opts.mse, GRAD_MODE=grad_mode(dtype))
+def _meta(params, blocks: CMBlocks, dtype: torch.dtype) -> dict:
+    """The constexprs every kernel of one launch shares; params: egma_fast.ops.CrossMapParams."""
+    meta = dict(N_PAD=blocks.N_PAD, M_PAD=blocks.M_PAD, THRESHOLD=params.omega == "threshold",
+                WITH_EGM=bool(params.with_egm), MSE=params.single_sentence == "mse",
+                EGM_GAZE=bool(params.egm_use_gaze), GRAD_MODE=grad_mode(dtype))
     if interpreting():
         meta["num_warps"] = 1
     return meta
@@ -434,10 +484,11 @@ def _meta(opts: CMOptions, blocks: CMBlocks, dtype: torch.dtype) -> dict:
 
 def cross_map_forward(
     P: torch.Tensor, S: torch.Tensor, smask: torch.Tensor, GS: torch.Tensor, use_gaze: torch.Tensor,
-    theta: torch.Tensor, alpha: torch.Tensor, opts: CMOptions
+    theta: torch.Tensor, alpha: torch.Tensor, params
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward. P [B, n, d], S [B, M, d] contiguous; smask [B, M] and use_gaze [B] uint8;
-    GS [B, M, n] contiguous; theta [B] fp32; alpha [1] fp32.
+    GS [B, M, n] contiguous; theta [B] fp32; alpha [1] fp32; params: egma_fast.ops.CrossMapParams
+    (k_patches already clipped to n).
     Returns TERMS [B, 4] fp32 (mlce_s2p, mlce_p2s, egm_image, egm_text), A0 [B, n, M] fp32 and the
     image-side column LSE [B, n] fp32 (the last two are saved for the backward)."""
     B, n, d = P.shape
@@ -453,15 +504,15 @@ def cross_map_forward(
     _scores[(B, triton.cdiv(n, blocks.R1))](P, S, a0, n, M, d, *strides, R1=blocks.R1, M_PAD=blocks.M_PAD,
                                              BLOCK_D=blocks.BLOCK_D, DOT_PREC=dot_precision(P.dtype), **extra)
     _fwd[(B,)](P, S, smask, GS, use_gaze, theta, alpha, a0, terms, lse_col,
-               n, M, d, *strides, opts.k_sentences, opts.k_patches, opts.floor, opts.gaze_threshold,
-               R=blocks.R, BLOCK_D=blocks.BLOCK_D, WITH_MLCE=opts.with_mlce, **_meta(opts, blocks, P.dtype))
+               n, M, d, *strides, params.k_sentences, params.k_patches, params.floor, params.gaze_threshold,
+               R=blocks.R, BLOCK_D=blocks.BLOCK_D, WITH_MLCE=bool(params.with_mlce), **_meta(params, blocks, P.dtype))
     return terms, a0, lse_col
 
 
 def cross_map_backward(
     gterms: torch.Tensor, P: torch.Tensor, S: torch.Tensor, smask: torch.Tensor, GS: torch.Tensor,
     use_gaze: torch.Tensor, theta: torch.Tensor, alpha: torch.Tensor, a0: torch.Tensor, lse_col: torch.Tensor,
-    opts: CMOptions
+    params
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward from the upstream gradients gterms [B, 4] fp32. Returns dP, dS (features'
     dtype) and dalpha per instance [B] fp32 (the caller sums it)."""
@@ -473,18 +524,17 @@ def cross_map_backward(
     dalpha = torch.empty(B, device=P.device, dtype=torch.float32)
     if B == 0:
         return dP, dS, dalpha
+    meta = _meta(params, blocks, P.dtype)
+    meta["THRESHOLD"] = threshold = meta["THRESHOLD"] and meta["WITH_EGM"]
     da_full = torch.empty(B, n, M, device=P.device, dtype=torch.float32)
-    da_rows = torch.empty(B, n, M, device=P.device, dtype=torch.float32) if opts.threshold and opts.with_egm else da_full
+    da_rows = torch.empty(B, n, M, device=P.device, dtype=torch.float32) if threshold else da_full
     strides = (P.stride(0), P.stride(1), S.stride(0), S.stride(1))
-    meta = _meta(opts, blocks, P.dtype)
-    threshold = opts.threshold and opts.with_egm
-    meta["THRESHOLD"] = threshold
     _bwd_scores[(B,)](P, S, smask, GS, use_gaze, theta, alpha, a0, lse_col, gterms, da_full, da_rows, dalpha,
-                      n, M, d, *strides, opts.k_sentences, opts.k_patches, opts.floor, opts.gaze_threshold,
-                      R=blocks.R, BLOCK_D=blocks.BLOCK_D, WITH_MLCE=opts.with_mlce, **meta)
+                      n, M, d, *strides, params.k_sentences, params.k_patches, params.floor, params.gaze_threshold,
+                      R=blocks.R, BLOCK_D=blocks.BLOCK_D, WITH_MLCE=bool(params.with_mlce), **meta)
     if interpreting():
         meta["BLOCK_DO"] = _INTERPRET_BLOCK_DO
     grid = lambda meta_: (B, triton.cdiv(d, meta_["BLOCK_DO"]))  # noqa: E731
     _bwd_feat[grid](P, S, smask, GS, use_gaze, theta, alpha, a0, gterms, da_full, da_rows, dP, dS,
-                    n, M, d, *strides, opts.k_patches, opts.floor, **meta)
+                    n, M, d, *strides, params.k_patches, params.floor, **meta)
     return dP, dS, dalpha

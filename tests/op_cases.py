@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from egma_fast import reference
 from egma_fast.config import EGMAConfig
+from egma_fast.ops import CrossMapParams
 
 
 @dataclass
@@ -169,7 +170,7 @@ def compare_cross_map(fn, case: Case, config: EGMAConfig, alpha: float = 7.5, rt
         assert_close(f"{case.name}/{config.preset_name}/{name}", a, b, rtol, atol)
 
 
-def threshold_margin(case: Case, theta: torch.Tensor, params: reference.CrossMapParams) -> float:
+def threshold_margin(case: Case, theta: torch.Tensor, params: CrossMapParams) -> float:
     """Smallest float64 distance between a pre-threshold weight of the threshold omega (SPEC 3.1)
     and its sample's theta: how far the case is from a decision that fp32 and float64 may take
     differently (inf for the top-k omega)."""
@@ -178,8 +179,9 @@ def threshold_margin(case: Case, theta: torch.Tensor, params: reference.CrossMap
     P, S, valid = case.P.double(), case.S.double(), case.mask
     A = torch.einsum("bnd,bmd->bnm", P, S)
     B, n, M = A.shape
-    gaze = case.GS.double() * (case.use_gaze[:, None, None] & valid[:, :, None])
-    g = case.use_gaze[:, None, None]
+    egm_gaze = case.use_gaze & params.egm_use_gaze  # what EGM sees (SPEC 3.2)
+    gaze = case.GS.double() * (egm_gaze[:, None, None] & valid[:, :, None])
+    g = egm_gaze[:, None, None]
     m = valid.sum(1)
     valid_A = valid[:, None, :].expand(B, n, M)
     a_tilde = reference._minmax_rows(A, valid_A, m[:, None].expand(B, n))
@@ -191,7 +193,7 @@ def threshold_margin(case: Case, theta: torch.Tensor, params: reference.CrossMap
     return float(min(gap.min() for gap in gaps))
 
 
-def clear_thetas(case: Case, theta: torch.Tensor, params: reference.CrossMapParams, margin: float = 1e-6) -> torch.Tensor:
+def clear_thetas(case: Case, theta: torch.Tensor, params: CrossMapParams, margin: float = 1e-6) -> torch.Tensor:
     """theta, nudged upwards by multiples of 1e-4 until no pre-threshold weight of the case lies
     within ``margin`` of it. theta is an input of the op, so the comparison stays exact; the nudge
     matters for exact rational ties (dyadic tie cases can give (x - lo) / (hi - lo) = 2/7 exactly,
@@ -206,6 +208,14 @@ def clear_thetas(case: Case, theta: torch.Tensor, params: reference.CrossMapPara
 def cross_map_configs() -> list[EGMAConfig]:
     """Both presets with every term switched on."""
     return [EGMAConfig.preset("paper"), EGMAConfig.preset("official", lambda_egm=1.0)]
+
+
+#: Each preset with egm_use_gaze the other way round from its default (official's EGM ignores gaze,
+#: the paper's adds it; SPEC 3.2), every term on.
+EGM_GAZE_CONFIGS = {
+    "paper-egm-no-gaze": EGMAConfig.preset("paper", egm_use_gaze=False),
+    "official-egm-gaze": EGMAConfig.preset("official", lambda_egm=1.0, egm_use_gaze=True),
+}
 
 
 def late_interaction_cases(dtype: torch.dtype = torch.float32, device: str = "cpu") -> list[Case]:
@@ -233,6 +243,24 @@ def run_loss(backend: str, preset: str, inputs, *, device: str = "cpu", dtype: t
     out = loss_fn(P, S, mask, **kwargs)
     out.total.backward()
     return out, (P.grad, S.grad, loss_fn.logit_scale.grad)
+
+
+def run_reference_loss(preset: str, inputs, *, dtype: torch.dtype | None = None, **overrides):
+    """reference.egma_loss on run_loss's inputs, with the oracle's own glue (pooling, regimes,
+    combination, total): (output, (dP, dS, dt)). A backend's EGMALoss matching it checks
+    egma_fast.loss_terms too."""
+    P, S, mask, heat, has_gaze = inputs
+    config = EGMAConfig.preset(preset, **overrides)
+    dtype = dtype or P.dtype
+    P = P.to(dtype).clone().requires_grad_()
+    S = S.to(dtype).clone().requires_grad_()
+    # EGMALoss's parameter: created in float32, then cast with the module.
+    t = torch.full((1,), config.logit_scale_init).to(P.device, dtype).requires_grad_()
+    gaze = bool(has_gaze.any())
+    GS = reference.pool_gaze(heat.to(dtype), P.shape[1], config.gaze_pool) if gaze else None
+    out = reference.egma_loss(P, S, mask, t, config, GS, has_gaze if gaze else None)
+    out.total.backward()
+    return out, (P.grad, S.grad, t.grad)
 
 
 def assert_late_interaction_deterministic(fn, case: Case) -> None:

@@ -26,6 +26,7 @@ from egma_fast.ops import cpp_backend as cb  # noqa: E402
 from egma_fast.ops.arguments import text_zero_slots  # noqa: E402
 
 from op_cases import (  # noqa: E402
+    EGM_GAZE_CONFIGS,
     assert_late_interaction_deterministic,
     Case,
     compare_cross_map,
@@ -221,9 +222,10 @@ CM_CONFIGS = cross_map_configs() + [
     EGMAConfig.preset("paper", lambda_mlce=0.0),
     EGMAConfig.preset("official", lambda_egm=1.0, lambda_mlce=0.0),
     EGMAConfig.preset("paper", lambda_egm=0.0),
+    *EGM_GAZE_CONFIGS.values(),
 ]
 CM_CONFIG_IDS = ["paper", "official-egm", "paper-mse-k", "official-drop", "paper-no-mlce", "official-no-mlce",
-                 "mlce-only"]
+                 "mlce-only", *EGM_GAZE_CONFIGS]
 
 
 @pytest.mark.parametrize("config", CM_CONFIGS, ids=CM_CONFIG_IDS)
@@ -233,7 +235,8 @@ def test_cross_map_matches_reference(isa, dtype, config) -> None:
         compare_cross_map(cb.cross_map, case, config, **CM_TOL[dtype])
 
 
-@pytest.mark.parametrize("config", cross_map_configs(), ids=["paper", "official-egm"])
+@pytest.mark.parametrize("config", [*cross_map_configs(), *EGM_GAZE_CONFIGS.values()],
+                         ids=["paper", "official-egm", *EGM_GAZE_CONFIGS])
 def test_cross_map_batch_without_gaze(config) -> None:
     """The threshold omega's no-gaze-batch regime (theta 2/7 for every sample)."""
     case = make_case("no_gaze", 4, 4, 9, 4, 12, mask_kind="scattered", gaze="none")
@@ -279,9 +282,12 @@ def test_cross_map_rejects_bad_params() -> None:
     case = make_case("bad", 2, 2, 4, 3, 5)
     theta = torch.zeros(2)
     alpha = torch.tensor(1.0)
-    bad = dataclasses.replace(reference.CrossMapParams(), omega="nope")
     with pytest.raises(ValueError, match="omega"):
-        cb.cross_map(case.P, case.S, case.mask, case.GS, case.use_gaze, theta, alpha, bad)
+        cb.cross_map(case.P, case.S, case.mask, case.GS, case.use_gaze, theta, alpha,
+                     dataclasses.replace(reference.CrossMapParams(), omega="nope"))
+    with pytest.raises(RuntimeError, match="k_patches must be >= 1"):
+        ops.cross_map_fwd(case.P, case.S, case.mask, case.GS, case.use_gaze, theta, alpha,
+                          *reference.CrossMapParams().op_args()[:2], 0, *reference.CrossMapParams().op_args()[3:])
     with pytest.raises(RuntimeError, match="GS must be"):
         cb.cross_map(case.P, case.S, case.mask, case.GS[:, :, :2], case.use_gaze, theta, alpha, reference.CrossMapParams())
     with pytest.raises(RuntimeError, match="sent_mask must have shape"):
@@ -321,9 +327,7 @@ def _op_samples():
     pmask = torch.rand(3, 5) < 0.8
     cm = make_case("opcheck_cm", 3, 3, 5, 3, 6, mask_kind="scattered")
     config = EGMAConfig.preset("official", lambda_egm=1.0)
-    p = reference.cross_map_params(config, 5)
-    params = (p.omega == "threshold", p.k_sentences, p.k_patches, p.floor, p.single_sentence == "mse",
-              p.gaze_threshold, True, True)
+    params = reference.cross_map_params(config, 5).op_args()
     theta = reference.egm_sample_thetas(cm.use_gaze, True, config)
     alpha = torch.tensor(4.0, requires_grad=True)
     cm_inputs = (cm.P.clone().requires_grad_(), cm.S.clone().requires_grad_(), cm.mask, cm.GS, cm.use_gaze, theta,
@@ -345,6 +349,45 @@ def _op_samples():
 def test_opcheck(index: int) -> None:
     op, args = _op_samples()[index]
     torch.library.opcheck(op, args)
+
+
+def _schema_options(op) -> list[tuple[str, str]]:
+    """(name, type) of an op schema's arguments after its tensors: cross_map's options."""
+    args = op.default._schema.arguments
+    return [(a.name, str(a.type)) for a in args if str(a.type) not in ("Tensor", "Optional[Tensor]")]
+
+
+def test_cross_map_schema_options_are_crossmapparams() -> None:
+    """csrc/ops.h's option macros and CrossMapParams.OP_SCHEMA / op_args agree: names, types, order."""
+    want = [tuple(reversed(item.strip().split(" "))) for item in reference.CrossMapParams.OP_SCHEMA.split(",")]
+    want = [(name, {"bool": "bool", "int": "int", "float": "float"}[kind]) for name, kind in want]
+    for op in (ops.cross_map_fwd, ops.cross_map_bwd):
+        assert _schema_options(op) == want
+    values = reference.CrossMapParams(omega="threshold", k_sentences=2, k_patches=3, floor=0.05, single_sentence="mse",
+                                      gaze_threshold=0.25, with_mlce=False, with_egm=True, egm_use_gaze=False)
+    assert type(values).from_op_args(*values.op_args()) == values
+    assert [type(v).__name__ for v in values.op_args()] == [kind for _, kind in want]
+
+
+def test_fakes_check_shapes() -> None:
+    """The fake (meta) implementations state the ops' shape contracts with torch._check: a wrongly
+    shaped argument fails while tracing, naming it."""
+    case = make_case("fake", 3, 3, 5, 4, 6, mask_kind="scattered")
+    params = reference.CrossMapParams().op_args()
+    theta, alpha = torch.zeros(3), torch.tensor([2.0])
+    zslot = text_zero_slots(case.mask, True)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        P, S, mask, GS, gaze = (mode.from_tensor(t) for t in (case.P, case.S, case.mask, case.GS, case.use_gaze))
+        fz, fth, fa = mode.from_tensor(zslot), mode.from_tensor(theta), mode.from_tensor(alpha)
+        assert ops.cross_map_fwd(P, S, mask, GS, gaze, fth, fa, *params)[0].shape == (3,)
+        with pytest.raises(RuntimeError, match="GS must have shape"):
+            ops.cross_map_fwd(P, S, mask, GS[:, :, :4], gaze, fth, fa, *params)
+        with pytest.raises(RuntimeError, match="theta must have shape"):
+            ops.cross_map_fwd(P, S, mask, GS, gaze, fth[:2], fa, *params)
+        with pytest.raises(RuntimeError, match="zero_slot must have shape"):
+            ops.late_interaction_fwd(P, S, mask, None, fz[:2], False)
+        with pytest.raises(RuntimeError, match="sent_mask must have shape"):
+            ops.late_interaction_fwd(P, S, mask[:, :2], None, fz, False)
 
 
 def test_torch_compile_traces_through_ops() -> None:

@@ -15,6 +15,11 @@ S2 = 1 / math.sqrt(2)
 PAPER = EGMAConfig.preset("paper")
 OFFICIAL = EGMAConfig.preset("official")
 OFFICIAL_EGM = EGMAConfig.preset("official", lambda_egm=1.0)
+# egm_use_gaze the other way round from each preset's default (SPEC 3.2).
+PAPER_EGM_NO_GAZE = EGMAConfig.preset("paper", egm_use_gaze=False)
+OFFICIAL_EGM_GAZE = EGMAConfig.preset("official", lambda_egm=1.0, egm_use_gaze=True)
+EGM_CONFIGS = [PAPER, PAPER_EGM_NO_GAZE, OFFICIAL_EGM, OFFICIAL_EGM_GAZE]
+EGM_CONFIG_IDS = ["paper", "paper-egm-no-gaze", "official", "official-egm-gaze"]
 
 
 def t64(x) -> torch.Tensor:
@@ -137,7 +142,7 @@ def test_late_interaction_matches_naive(seed, n, lengths, pad_as_zero):
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("n,lengths", TINY_SHAPES)
-@pytest.mark.parametrize("config", [PAPER, OFFICIAL_EGM], ids=["paper", "official"])
+@pytest.mark.parametrize("config", EGM_CONFIGS, ids=EGM_CONFIG_IDS)
 @pytest.mark.parametrize("gaze", ["none", "first", "both"])
 def test_cross_map_matches_naive(seed, n, lengths, config, gaze):
     P, S, mask, GS = _tiny(seed, n, lengths)
@@ -157,8 +162,9 @@ def test_cross_map_matches_naive(seed, n, lengths, config, gaze):
             s2p, p2s = naive.mlce_pair(A, GL)
         else:
             s2p, p2s = 0.0, 0.0
+        # EGM sees the gaze only with egm_use_gaze (MLCE above uses it either way).
         img, txt = naive.egm_pair(
-            Pl[k], Sl[k], alpha, GSk, config.egm_omega, config.egm_topk_sentences, config.topk_patches(n),
+            Pl[k], Sl[k], alpha, GSk if config.egm_use_gaze else None, config.egm_omega, config.egm_topk_sentences, config.topk_patches(n),
             float(theta[k]), config.egm_floor, config.egm_single_sentence,
         )
         assert got.mlce_s2p[k].item() == pytest.approx(s2p, rel=1e-10, abs=1e-12)
@@ -167,15 +173,24 @@ def test_cross_map_matches_naive(seed, n, lengths, config, gaze):
         assert got.egm_text[k].item() == pytest.approx(txt, rel=1e-10, abs=1e-12)
 
 
-def test_official_regimes_thetas_and_weights():
-    cfg = OFFICIAL
+@pytest.mark.parametrize("module", ["reference", "loss_terms"])
+def test_official_regimes_thetas_and_weights(module):
+    """SPEC 3.1 regimes, in the oracle and in the production glue. official's default has EGM see
+    no gaze (egm_use_gaze off, SPEC 3.2): every sample takes the no-gaze-batch regime, even in a
+    batch with gaze; with the option on, the gaze-guided regimes."""
+    from egma_fast import loss_terms
+
+    mod = {"reference": reference, "loss_terms": loss_terms}[module]
     none = torch.tensor([False, False])
     mixed = torch.tensor([True, False])
-    assert reference.egm_sample_thetas(none, False, cfg).tolist() == pytest.approx([2 / 7, 2 / 7])
-    assert reference.egm_sample_thetas(mixed, True, cfg).tolist() == pytest.approx([3 / 7, 1 / 7])
-    assert reference.egm_sample_weights(none, False, cfg).tolist() == [pytest.approx([0.7, 0.3])] * 2
-    w = reference.egm_sample_weights(mixed, True, cfg)
+    for cfg in (OFFICIAL, OFFICIAL_EGM_GAZE):
+        assert mod.egm_sample_thetas(none, False, cfg).tolist() == pytest.approx([2 / 7, 2 / 7])
+        assert mod.egm_sample_weights(none, False, cfg).tolist() == [pytest.approx([0.7, 0.3])] * 2
+    assert mod.egm_sample_thetas(mixed, True, OFFICIAL_EGM_GAZE).tolist() == pytest.approx([3 / 7, 1 / 7])
+    w = mod.egm_sample_weights(mixed, True, OFFICIAL_EGM_GAZE)
     assert w[0].tolist() == pytest.approx([0.7, 0.3]) and w[1].tolist() == pytest.approx([0.5, 0.5])
+    assert mod.egm_sample_thetas(mixed, True, OFFICIAL).tolist() == pytest.approx([2 / 7, 2 / 7])
+    assert mod.egm_sample_weights(mixed, True, OFFICIAL).tolist() == [pytest.approx([0.7, 0.3])] * 2
 
 
 def test_official_zero_range_row_gradient():
@@ -382,3 +397,19 @@ def test_official_logit_scale_inplace_clamp():
     t2 = torch.nn.Parameter(t64([5.0]))
     reference.logit_scale_to_alpha(t2, PAPER).backward()
     assert t2.item() == 5.0 and t2.grad.item() == 0.0  # paper: differentiable clamp
+
+
+@pytest.mark.parametrize("mode", ["area_max", "bilinear_antialias"])
+@pytest.mark.parametrize("h,w,n", [(12, 12, 9), (37, 53, 49), (224, 200, 49), (5, 3, 16), (7, 7, 49), (30, 11, 196)])
+def test_pool_gaze_oracle_matches_production(mode, h, w, n):
+    """reference.pool_gaze (explicit resize weights) and loss_terms.pool_gaze (torch's interpolate /
+    adaptive pooling, what the loss runs): shrinking, enlarging, non-divisible sizes."""
+    from egma_fast import loss_terms
+
+    g = torch.Generator().manual_seed(h * w + n)
+    heat = torch.rand(2, 3, h, w, generator=g, dtype=torch.float64)
+    heat[0, 1] = 0.0  # an all-zero sentence stays zero
+    want = loss_terms.pool_gaze(heat, n, mode)
+    got = reference.pool_gaze(heat, n, mode)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[0, 1], torch.zeros(n, dtype=torch.float64))

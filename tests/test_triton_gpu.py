@@ -102,7 +102,8 @@ def _cm_margin(P, S, mask, GS, use_gaze, theta, alpha: float, params: reference.
         if k < n:
             margins.append((srt_t[..., k - 1] - srt_t[..., k]).min())
     else:
-        gaze = GS.double() * (use_gaze[:, None, None] & mask[:, :, None])
+        egm_gaze = use_gaze & params.egm_use_gaze  # the gaze EGM sees (SPEC 3.2)
+        gaze = GS.double() * (egm_gaze[:, None, None] & mask[:, :, None])
         th = theta.double()[:, None, None]
         for x, ok, gz, side in ((A, valid, gaze.transpose(1, 2), "a"), (A.transpose(1, 2), torch.ones_like(A.transpose(1, 2), dtype=torch.bool), gaze, "t")):
             hi = torch.where(ok, x, torch.full_like(x, -math.inf))
@@ -111,7 +112,7 @@ def _cm_margin(P, S, mask, GS, use_gaze, theta, alpha: float, params: reference.
             xmax, xmin = hi.max(-1, keepdim=True).values, -lo.max(-1, keepdim=True).values
             span = (xmax - xmin).clamp_min(1e-30)
             xt = (x - xmin) / span
-            g = use_gaze[:, None, None]
+            g = egm_gaze[:, None, None]
             pre = torch.where(g, xt + gz / 2, xt) if side == "a" else torch.where(g, (xt + gz) / 2, xt)
             margins.append(torch.where(ok, (pre - th).abs(), torch.full_like(pre, math.inf)).min())
     return float(min(margins)) if margins else math.inf

@@ -117,8 +117,7 @@ def test_cross_map_memory() -> None:
     params = reference.cross_map_params(config, n)
     theta = reference.egm_sample_thetas(case.use_gaze, True, config)
     alpha = torch.tensor([7.0], device=DEVICE)
-    opts = tb._options(params.omega == "threshold", params.k_sentences, params.k_patches, params.floor,
-                       params.single_sentence == "mse", params.gaze_threshold, True, True)
+    opts = params.replace(with_mlce=True, with_egm=True)  # the launchers take the op's params
     smask = case.mask.view(torch.uint8)
     gaze = case.use_gaze.view(torch.uint8)
 

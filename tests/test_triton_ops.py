@@ -22,6 +22,7 @@ from egma_fast.ops import available_backends, select_backend  # noqa: E402
 from egma_fast.ops import triton_backend as tb  # noqa: E402
 
 from op_cases import (  # noqa: E402
+    EGM_GAZE_CONFIGS,
     assert_late_interaction_deterministic,
     Case,
     compare_cross_map,
@@ -196,10 +197,10 @@ CM_CASES = [c for c in standard_cases(device=DEVICE) if c.P.shape[0] == c.S.shap
     make_case("n49", 2, 2, 49, 5, 16, mask_kind="scattered", gaze="all", device=DEVICE),
     make_case("ties-some", 3, 3, 9, 4, 8, mask_kind="scattered", ties=True, gaze="some", device=DEVICE),
 ]
-CONFIGS = cross_map_configs()
+CONFIGS = [*cross_map_configs(), *EGM_GAZE_CONFIGS.values()]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.preset_name for c in CONFIGS])
+@pytest.mark.parametrize("config", CONFIGS, ids=["paper", "official", *EGM_GAZE_CONFIGS])
 @pytest.mark.parametrize("case", CM_CASES, ids=_ids(CM_CASES))
 def test_cross_map_matches_reference(case: Case, config: EGMAConfig) -> None:
     compare_cross_map(tb.cross_map, case, config, **CM_TOL)
@@ -215,6 +216,8 @@ VARIANTS = {
     "official-mlce-only": EGMAConfig.preset("official", lambda_egm=0.0),
     "paper-egm-only": EGMAConfig.preset("paper", lambda_mlce=0.0),
     "official-floor": EGMAConfig.preset("official", lambda_egm=1.0, egm_floor=0.05),
+    "official-egm-gaze-mse": EGMAConfig.preset("official", lambda_egm=1.0, egm_use_gaze=True),
+    "paper-egm-no-gaze-mse": EGMAConfig.preset("paper", egm_use_gaze=False, egm_single_sentence="mse"),
 }
 
 
@@ -344,9 +347,33 @@ def test_opcheck_cross_map() -> None:
     S = case.S.clone().requires_grad_()
     alpha = torch.tensor([6.0], device=DEVICE, requires_grad=True)
     theta = torch.full((2,), 2 / 7, device=DEVICE)
-    for threshold in (False, True):
-        args = (P, S, case.mask, case.GS, case.use_gaze, theta, alpha, threshold, 1, 2, 0.01, True, 0.0, True, True)
+    for omega in ("topk", "threshold"):
+        params = reference.CrossMapParams(omega=omega, k_patches=2, single_sentence="mse")
+        args = (P, S, case.mask, case.GS, case.use_gaze, theta, alpha, *params.op_args())
         torch.library.opcheck(torch.ops.egma_fast.triton_cross_map_fwd.default, args)
+
+
+def test_cross_map_schema_options_are_crossmapparams() -> None:
+    """The Triton ops declare exactly CrossMapParams.OP_SCHEMA's options."""
+    want = [tuple(reversed(item.strip().split(" "))) for item in reference.CrossMapParams.OP_SCHEMA.split(",")]
+    for op in (torch.ops.egma_fast.triton_cross_map_fwd, torch.ops.egma_fast.triton_cross_map_bwd):
+        args = op.default._schema.arguments
+        assert [(a.name, str(a.type)) for a in args if str(a.type) != "Tensor"] == want
+
+
+@pytest.mark.parametrize("M", [2048, 4096])
+def test_cross_map_too_many_slots_is_rejected_up_front(M: int) -> None:
+    """One program holds an instance's M x M tile: beyond Triton's largest tensor the backend says
+    so, naming the limit, before any kernel runs (it used to fail inside kernels/cross_map.py)."""
+    case = make_case("wideM", 1, 1, 4, 3, 4, mask_kind="prefix", device=DEVICE)
+    S = torch.nn.functional.pad(case.S, (0, 0, 0, M - 3))
+    mask = torch.nn.functional.pad(case.mask, (0, M - 3))
+    GS = torch.zeros(1, M, 4, device=DEVICE)
+    params = reference.CrossMapParams()
+    with pytest.raises(ValueError, match=r"backend='triton' cross_map supports at most M = 1024 sentence slots for n = 4"):
+        tb.cross_map(case.P, S, mask, GS, case.use_gaze, torch.zeros(1, device=DEVICE), torch.tensor(2.0), params)
+    assert tb._cm.max_slots(4) == 1024 and tb._cm.max_slots(196) == 1024
+    tb._cm.check_sizes(196, 1024)  # the largest accepted size passes
 
 
 def test_compiles_without_graph_breaks() -> None:

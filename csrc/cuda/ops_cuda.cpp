@@ -226,12 +226,9 @@ at::Tensor cm_workspace(const CMInputs& in) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_map_fwd(
     const at::Tensor& P, const at::Tensor& S, const at::Tensor& sent_mask, const at::Tensor& GS,
-    const at::Tensor& use_gaze, const at::Tensor& theta, const at::Tensor& alpha, bool threshold_omega,
-    int64_t k_sentences, int64_t k_patches, double floor_value, bool single_mse, double gaze_threshold, bool with_mlce,
-    bool with_egm) {
+    const at::Tensor& use_gaze, const at::Tensor& theta, const at::Tensor& alpha, EGMA_CROSS_MAP_OPTION_PARAMS) {
   const auto dims = check_cross_map_inputs(P, S, sent_mask, GS, use_gaze, theta, alpha);
-  const auto opt = cross_map_options(threshold_omega, k_sentences, k_patches, floor_value, single_mse,
-                                     gaze_threshold, with_mlce, with_egm);
+  const auto opt = EGMA_CROSS_MAP_OPTIONS;
   const c10::cuda::CUDAGuard guard(P.device());
   const CMInputs in = cm_inputs(P, S, sent_mask, GS, use_gaze, theta, alpha, opt, dims);
   at::Tensor terms = at::zeros({4, dims[0]}, P.options().dtype(accumulate_dtype(P.scalar_type())));
@@ -244,16 +241,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_map_bwd(
     const at::Tensor& grad_mlce_s2p, const at::Tensor& grad_mlce_p2s, const at::Tensor& grad_egm_image,
     const at::Tensor& grad_egm_text, const at::Tensor& P, const at::Tensor& S, const at::Tensor& sent_mask,
     const at::Tensor& GS, const at::Tensor& use_gaze, const at::Tensor& theta, const at::Tensor& alpha,
-    bool threshold_omega, int64_t k_sentences, int64_t k_patches, double floor_value, bool single_mse,
-    double gaze_threshold, bool with_mlce, bool with_egm) {
+    EGMA_CROSS_MAP_OPTION_PARAMS) {
   const auto dims = check_cross_map_inputs(P, S, sent_mask, GS, use_gaze, theta, alpha);
   const auto [B, n, M, d] = dims;
   for (const at::Tensor* g : {&grad_mlce_s2p, &grad_mlce_p2s, &grad_egm_image, &grad_egm_text}) {
     TORCH_CHECK(g->sizes() == at::IntArrayRef({B}), "cross_map_bwd: every output gradient must be [B] = [", B,
                 "], got ", g->sizes());
   }
-  const auto opt = cross_map_options(threshold_omega, k_sentences, k_patches, floor_value, single_mse,
-                                     gaze_threshold, with_mlce, with_egm);
+  const auto opt = EGMA_CROSS_MAP_OPTIONS;
   const c10::cuda::CUDAGuard guard(P.device());
   const auto acc = accumulate_dtype(P.scalar_type());
   const CMInputs in = cm_inputs(P, S, sent_mask, GS, use_gaze, theta, alpha, opt, dims);

@@ -1,16 +1,17 @@
 """The fused ops of the EGMA hot path, dispatched to a backend.
 
 ``late_interaction`` (SPEC 2.1) and ``cross_map`` (SPEC 2.4 and 3) have the exact contracts of
-the functions of the same names in :mod:`egma_fast.reference`. ``backend="auto"`` picks, per
-device, the fastest registered backend: Triton or the CUDA extension on GPUs, the C++ extension on
-CPUs, and the reference otherwise.
+the functions of the same names in :mod:`egma_fast.reference` (the oracle; nothing here imports
+it). ``backend="auto"`` picks, per device, the fastest registered backend: Triton or the CUDA
+extension on GPUs, the C++ extension on CPUs, and the ``torch`` backend (the oracle run as a
+backend) otherwise. Their argument types live in :mod:`egma_fast.ops.arguments`.
 """
 from __future__ import annotations
 
 import torch
 
+from egma_fast.ops.arguments import CrossMapParams, CrossMapTerms
 from egma_fast.ops.registry import Backend, available_backends, backend_error, register_backend, select_backend
-from egma_fast.reference import CrossMapParams, CrossMapTerms
 
 __all__ = [
     "Backend",

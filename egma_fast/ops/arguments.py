@@ -1,14 +1,90 @@
-"""Arguments every backend of the fused ops derives the same way (one definition each).
+"""The fused ops' argument types and what every backend derives from its arguments the same way.
 
+* :class:`CrossMapParams`: the static options of ``cross_map``, one object from the loss down to
+  the kernels. Where an op schema needs scalars (the C++ ops, the Triton custom ops),
+  :meth:`CrossMapParams.op_args` and :data:`CrossMapParams.OP_SCHEMA` are the only place they are
+  spelled out; csrc/ops.h's EGMA_CROSS_MAP_OPTION_* macros mirror them (a test compares the two).
+* :class:`CrossMapTerms`: the per-sample outputs of ``cross_map``.
 * :func:`text_zero_slots`: which texts have the authors' zero-scoring slot under ``pad_as_zero``
   (SPEC 2.1), decided on the device (no host sync).
 * :func:`index_dtype`: the integer dtype of the saved winner indices.
+* :func:`check_late_interaction_meta` / :func:`check_cross_map_meta`: the ops' shape contracts as
+  ``torch._check`` calls, for the fake (meta) implementations of every backend's custom ops.
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
 import torch
 
-__all__ = ["index_dtype", "text_zero_slots"]
+__all__ = [
+    "CrossMapParams",
+    "CrossMapTerms",
+    "check_cross_map_meta",
+    "check_late_interaction_meta",
+    "index_dtype",
+    "text_zero_slots",
+]
+
+
+@dataclass(frozen=True)
+class CrossMapParams:
+    """Static options of the per-instance op ``cross_map`` (hashable: fast backends specialise on
+    them). Built from a config by :func:`egma_fast.loss_terms.cross_map_params`."""
+
+    omega: str = "topk"  # "topk" | "threshold" (SPEC 3.1)
+    k_sentences: int = 1  # top-k over sentences (rows of A); clipped to m_k
+    k_patches: int = 7  # top-k over patches (rows of T); clipped to n
+    floor: float = 0.01  # threshold omega: + floor after thresholding
+    single_sentence: str = "drop"  # m_k = 1: "drop" | "mse"
+    gaze_threshold: float = 0.0  # GL = GS > gaze_threshold
+    with_mlce: bool = True
+    with_egm: bool = True
+    #: EGM adds the gaze prior GS to its weights (SPEC 3.1 - 3.2). Off: EGM ignores gaze (MLCE
+    #: still uses it); the caller then passes every sample the no-gaze-batch theta.
+    egm_use_gaze: bool = True
+
+    #: The options as the op schemas declare them, in :meth:`op_args` order.
+    OP_SCHEMA: ClassVar[str] = (
+        "bool threshold_omega, int k_sentences, int k_patches, float floor_value, bool single_mse, "
+        "float gaze_threshold, bool with_mlce, bool with_egm, bool egm_use_gaze"
+    )
+
+    def __post_init__(self) -> None:
+        if self.omega not in ("topk", "threshold"):
+            raise ValueError(f"omega must be 'topk' or 'threshold', got {self.omega!r}")
+        if self.single_sentence not in ("drop", "mse"):
+            raise ValueError(f"single_sentence must be 'drop' or 'mse', got {self.single_sentence!r}")
+        if self.k_sentences < 1 or self.k_patches < 1:
+            raise ValueError(f"k_sentences and k_patches must be >= 1, got {self.k_sentences} and {self.k_patches}")
+
+    def op_args(self) -> tuple[bool, int, int, float, bool, float, bool, bool, bool]:
+        """The options as the scalars of :data:`OP_SCHEMA`, for a custom op call."""
+        return (self.omega == "threshold", int(self.k_sentences), int(self.k_patches), float(self.floor),
+                self.single_sentence == "mse", float(self.gaze_threshold), bool(self.with_mlce),
+                bool(self.with_egm), bool(self.egm_use_gaze))
+
+    @classmethod
+    def from_op_args(cls, *args: bool | int | float) -> "CrossMapParams":
+        """The inverse of :meth:`op_args` (inside a custom op, which receives the scalars)."""
+        threshold, k_s, k_p, floor, mse, tau, with_mlce, with_egm, egm_use_gaze = args
+        return cls("threshold" if threshold else "topk", k_s, k_p, floor, "mse" if mse else "drop", tau,
+                   with_mlce, with_egm, egm_use_gaze)
+
+    def replace(self, **changes: object) -> "CrossMapParams":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+class CrossMapTerms(NamedTuple):
+    """Per-sample outputs of ``cross_map``, each [B] (float32, float64 for float64 inputs)."""
+
+    mlce_s2p: torch.Tensor  # fL^{S2P}_k (0 where use_gaze is False or with_mlce is off)
+    mlce_p2s: torch.Tensor  # fL^{P2S}_k
+    egm_image: torch.Tensor  # mL^I_k (0 where dropped / off)
+    egm_text: torch.Tensor  # mL^T_k
 
 
 def text_zero_slots(sent_mask: torch.Tensor, pad_as_zero: bool) -> torch.Tensor:
@@ -17,7 +93,7 @@ def text_zero_slots(sent_mask: torch.Tensor, pad_as_zero: bool) -> torch.Tensor:
     The authors pack each batch's sentences into zero vectors up to the longest report, m_max =
     max_l m_l: a text with m_l < m_max has a zero slot after its real sentences, a text with
     m_l = m_max has none, and the tensors' width M never matters. All False without
-    ``pad_as_zero``. sent_mask [Bt, M] bool.
+    ``pad_as_zero``. sent_mask [Bt, M] bool: pass the whole (global) batch's mask.
     """
     m = sent_mask.sum(dim=1)
     if not pad_as_zero or m.numel() == 0:
@@ -32,3 +108,43 @@ def index_dtype(count: int) -> torch.dtype:
     if count <= 32768:
         return torch.int16
     return torch.int32
+
+
+# ----------------------------------------------------------------------------------------------
+# Shape contracts for the fake (meta) implementations: torch._check raises a clear error while
+# tracing (torch.compile, opcheck) instead of producing wrongly shaped outputs.
+# ----------------------------------------------------------------------------------------------
+def _check_shape(name: str, x: torch.Tensor, shape: tuple) -> None:
+    torch._check(tuple(x.shape) == tuple(shape), lambda: f"{name} must have shape {list(shape)}, got {list(x.shape)}")
+
+
+def check_late_interaction_meta(P: torch.Tensor, S: torch.Tensor, sent_mask: torch.Tensor,
+                                patch_mask: torch.Tensor | None, zero_slot: torch.Tensor) -> tuple[int, int, int, int]:
+    """late_interaction's inputs: P [Bi, n, d], S [Bt, M, d], sent_mask [Bt, M], patch_mask [Bi, n]
+    or None, zero_slot [Bt]. Returns (Bi, Bt, n, M)."""
+    torch._check(P.dim() == 3 and S.dim() == 3, lambda: f"P and S must be 3-D, got {list(P.shape)} and {list(S.shape)}")
+    Bi, n, d = P.shape
+    Bt, M, _ = S.shape
+    torch._check(S.shape[2] == d, lambda: f"P [Bi, n, d] and S [Bt, M, d] must share d, got {d} and {S.shape[2]}")
+    _check_shape("sent_mask", sent_mask, (Bt, M))
+    if patch_mask is not None:
+        _check_shape("patch_mask", patch_mask, (Bi, n))
+    _check_shape("zero_slot", zero_slot, (Bt,))
+    return Bi, Bt, n, M
+
+
+def check_cross_map_meta(P: torch.Tensor, S: torch.Tensor, sent_mask: torch.Tensor, GS: torch.Tensor,
+                         use_gaze: torch.Tensor, theta: torch.Tensor, alpha: torch.Tensor) -> tuple[int, int, int]:
+    """cross_map's inputs: P [B, n, d], S [B, M, d], sent_mask [B, M], GS [B, M, n], use_gaze [B],
+    theta [B], alpha one element. Returns (B, n, M)."""
+    torch._check(P.dim() == 3 and S.dim() == 3, lambda: f"P and S must be 3-D, got {list(P.shape)} and {list(S.shape)}")
+    B, n, d = P.shape
+    M = S.shape[1]
+    torch._check(S.shape[0] == B and S.shape[2] == d,
+                 lambda: f"cross_map works on matched pairs: P {list(P.shape)} and S {list(S.shape)} must share B and d")
+    _check_shape("sent_mask", sent_mask, (B, M))
+    _check_shape("GS", GS, (B, M, n))
+    _check_shape("use_gaze", use_gaze, (B,))
+    _check_shape("theta", theta, (B,))
+    torch._check(alpha.numel() == 1, lambda: f"alpha must have one element, got shape {list(alpha.shape)}")
+    return B, n, M

@@ -10,7 +10,7 @@ and, when built with a CUDA toolkit and a CUDA build of torch, CUDA kernels:
     late_interaction_bwd(grad_zI, grad_zT, P, S, sent_mask, patch_mask, zero_slot, win_patch, win_sentence)
         -> grad_P, grad_S
     cross_map_fwd(P [B, n, d], S [B, M, d], sent_mask [B, M], GS [B, M, n], use_gaze [B], theta [B], alpha (1 element),
-                  threshold_omega, k_sentences, k_patches, floor_value, single_mse, gaze_threshold, with_mlce, with_egm)
+                  <CrossMapParams.OP_SCHEMA: the options, as CrossMapParams.op_args() gives them>)
         -> mlce_s2p, mlce_p2s, egm_image, egm_text (each [B])
     cross_map_bwd(grad_mlce_s2p, grad_mlce_p2s, grad_egm_image, grad_egm_text, <cross_map_fwd's inputs>)
         -> grad_P, grad_S, grad_alpha
@@ -37,10 +37,15 @@ import os
 
 import torch
 
+from egma_fast.ops.arguments import (
+    CrossMapParams,
+    CrossMapTerms,
+    check_cross_map_meta,
+    check_late_interaction_meta,
+    text_zero_slots,
+)
 from egma_fast.ops.arguments import index_dtype as _index_dtype
-from egma_fast.ops.arguments import text_zero_slots
 from egma_fast.ops.registry import Backend, register_backend
-from egma_fast.reference import CrossMapParams, CrossMapTerms
 
 logger = logging.getLogger("egma_fast")
 
@@ -127,8 +132,7 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------
 @torch.library.register_fake("egma_fast_C::late_interaction_fwd")
 def _late_interaction_fwd_fake(P, S, sent_mask, patch_mask, zero_slot, save_sentence_argmax):
-    Bi, n, _ = P.shape
-    Bt, M, _ = S.shape
+    Bi, Bt, n, M = check_late_interaction_meta(P, S, sent_mask, patch_mask, zero_slot)
     acc = _accumulate_dtype(P.dtype)
     win_sentence_shape = (Bi, Bt, n) if save_sentence_argmax else (0,)
     return (
@@ -141,17 +145,26 @@ def _late_interaction_fwd_fake(P, S, sent_mask, patch_mask, zero_slot, save_sent
 
 @torch.library.register_fake("egma_fast_C::late_interaction_bwd")
 def _late_interaction_bwd_fake(grad_zI, grad_zT, P, S, sent_mask, patch_mask, zero_slot, win_patch, win_sentence):
+    Bi, Bt, _, M = check_late_interaction_meta(P, S, sent_mask, patch_mask, zero_slot)
+    torch._check(tuple(grad_zI.shape) == (Bi, Bt) and tuple(grad_zT.shape) == (Bi, Bt),
+                 lambda: f"grad_zI and grad_zT must be [Bi, Bt] = [{Bi}, {Bt}], got {list(grad_zI.shape)} and {list(grad_zT.shape)}")
+    torch._check(tuple(win_patch.shape) == (Bi, Bt, M),
+                 lambda: f"win_patch must be [Bi, Bt, M] = [{Bi}, {Bt}, {M}], got {list(win_patch.shape)}")
     return P.new_empty(P.shape), S.new_empty(S.shape)
 
 
 @torch.library.register_fake("egma_fast_C::cross_map_fwd")
 def _cross_map_fwd_fake(P, S, sent_mask, GS, use_gaze, theta, alpha, *params):
+    B, _, _ = check_cross_map_meta(P, S, sent_mask, GS, use_gaze, theta, alpha)
     acc = _accumulate_dtype(P.dtype)
-    return tuple(P.new_empty((P.shape[0],), dtype=acc) for _ in range(4))
+    return tuple(P.new_empty((B,), dtype=acc) for _ in range(4))
 
 
 @torch.library.register_fake("egma_fast_C::cross_map_bwd")
 def _cross_map_bwd_fake(g0, g1, g2, g3, P, S, sent_mask, GS, use_gaze, theta, alpha, *params):
+    B, _, _ = check_cross_map_meta(P, S, sent_mask, GS, use_gaze, theta, alpha)
+    for g in (g0, g1, g2, g3):
+        torch._check(tuple(g.shape) == (B,), lambda: f"every output gradient must be [B] = [{B}], got {list(g.shape)}")
     return P.new_empty(P.shape), S.new_empty(S.shape), alpha.new_empty(alpha.shape)
 
 
@@ -202,6 +215,7 @@ def _cross_map_backward(ctx, g_s2p, g_p2s, g_image, g_text):
         g_s2p, g_p2s, g_image, g_text, P, S, sent_mask, GS, use_gaze, theta, alpha, *ctx.params
     )
     needs = ctx.needs_input_grad
+    # GS (3) and theta (5) are data: no gradient (SPEC 3.1).
     return (
         grad_P if needs[0] else None,
         grad_S if needs[1] else None,
@@ -270,30 +284,11 @@ def cross_map(
     """Per-instance MLCE and EGM terms on the B matched pairs, each [B]; see reference.cross_map.
 
     P [B, n, d], S [B, M, d], sent_mask [B, M] bool, GS [B, M, n], use_gaze [B] bool, theta [B],
-    alpha one element (differentiable). Gradients flow to P, S and alpha.
+    alpha one element (differentiable). Gradients flow to P, S and alpha (none to GS or theta).
     """
-    if params.omega not in ("topk", "threshold"):
-        raise ValueError(f"omega must be 'topk' or 'threshold', got {params.omega!r}")
-    if params.single_sentence not in ("drop", "mse"):
-        raise ValueError(f"single_sentence must be 'drop' or 'mse', got {params.single_sentence!r}")
     P, S = _same_dtype(P, S)
-    terms = _ops.cross_map_fwd(
-        P,
-        S,
-        sent_mask.bool(),
-        GS,
-        use_gaze.bool(),
-        theta,
-        alpha,
-        params.omega == "threshold",
-        int(params.k_sentences),
-        int(params.k_patches),
-        float(params.floor),
-        params.single_sentence == "mse",
-        float(params.gaze_threshold),
-        bool(params.with_mlce),
-        bool(params.with_egm),
-    )
+    terms = _ops.cross_map_fwd(P, S, sent_mask.bool(), GS.detach(), use_gaze.bool(), theta.detach(), alpha,
+                               *params.op_args())
     return CrossMapTerms(*terms)
 
 

@@ -3,13 +3,13 @@
 A backend implements the contracts of :func:`egma_fast.reference.late_interaction` and
 :func:`egma_fast.reference.cross_map` (same arguments, values and gradients) for some devices.
 Backends register themselves when their module is imported; the registry imports the known ones
-lazily, so a missing Triton or compiled extension costs one log line, not an import error.
+lazily, so a missing Triton or compiled extension costs one log line, not an import error. A new
+backend is a module that calls :func:`register_backend` on import, listed in ``_KNOWN_MODULES``.
 """
 from __future__ import annotations
 
 import importlib
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -81,10 +81,6 @@ def backend_error(name: str) -> str | None:
     """Why a known backend is unavailable, or None."""
     _load(name)
     return _IMPORT_ERRORS.get(name)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def select_backend(name: str, device: torch.device) -> Backend:

@@ -10,6 +10,9 @@ without a graph break, and autograd registered on the forward ops:
     triton_cross_map_bwd(gterms, P, S, sent_mask, GS, use_gaze, theta, alpha, A0, lse_col, <options>)
         -> (dP, dS, dalpha_per_instance)
 
+<options> are CrossMapParams.OP_SCHEMA's scalars (CrossMapParams.op_args()); the op bodies turn
+them back into the CrossMapParams the kernel launchers take.
+
 Saved for backward: the inputs (by reference); for late interaction the winning patch per
 (image, text, slot) and the winning slot per (image, text, patch), 1 byte each for n, M < 256
 (B^2 (n + M) bytes; B^2 M with low_memory); for cross_map A0 [B, n, M] and an [B, n] log-sum-exp.
@@ -17,8 +20,9 @@ Never O(B^2 n M).
 
 Runs on CUDA tensors, and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1: how
 CI checks the kernels; 16-bit CPU inputs are computed in fp32 there). float64 inputs are not a
-Triton path: they go to the reference (exact, and what gradcheck uses). Importing this module without Triton raises ImportError, which the
-registry reports once and falls back from.
+Triton path: they go to the ``torch`` backend (the reference: exact, and what gradcheck uses).
+Importing this module without Triton raises ImportError, which the registry reports once and
+falls back from.
 """
 from __future__ import annotations
 
@@ -31,10 +35,15 @@ from pathlib import Path
 import torch
 import triton  # noqa: F401  (ImportError here: the registry logs one line and falls back)
 
-from egma_fast import reference
-from egma_fast.ops.arguments import index_dtype, text_zero_slots
+from egma_fast.ops import torch_backend as _oracle
+from egma_fast.ops.arguments import (
+    CrossMapParams,
+    CrossMapTerms,
+    check_cross_map_meta,
+    index_dtype,
+    text_zero_slots,
+)
 from egma_fast.ops.registry import Backend, register_backend
-from egma_fast.reference import CrossMapParams, CrossMapTerms
 
 Tensor = torch.Tensor
 
@@ -191,7 +200,7 @@ def late_interaction(
     if patch_mask is not None:
         _check_mask("patch_mask", patch_mask, (Bi, n), P.device)
     if torch.float64 in (P.dtype, S.dtype):
-        return reference.late_interaction(P, S, sent_mask, patch_mask, pad_as_zero)
+        return _oracle.late_interaction(P, S, sent_mask, patch_mask, pad_as_zero)
     if patch_mask is None:
         patch_mask = torch.ones(Bi, n, dtype=torch.bool, device=P.device)
     P, S = _features(P, S)
@@ -203,41 +212,42 @@ def late_interaction(
 # ----------------------------------------------------------------------------------------------
 # cross_map
 # ----------------------------------------------------------------------------------------------
-def _options(threshold: bool, k_sentences: int, k_patches: int, floor: float, mse: bool, gaze_threshold: float,
-             with_mlce: bool, with_egm: bool):
-    return _cm.CMOptions(threshold, k_sentences, k_patches, floor, mse, gaze_threshold, with_mlce, with_egm)
+_CM_INPUTS = "Tensor P, Tensor S, Tensor sent_mask, Tensor GS, Tensor use_gaze, Tensor theta, Tensor alpha"
 
 
-@torch.library.custom_op("egma_fast::triton_cross_map_fwd", mutates_args=())
+@torch.library.custom_op("egma_fast::triton_cross_map_fwd", mutates_args=(),
+                         schema=f"({_CM_INPUTS}, {CrossMapParams.OP_SCHEMA}) -> (Tensor, Tensor, Tensor)")
 def _cm_fwd(P: Tensor, S: Tensor, sent_mask: Tensor, GS: Tensor, use_gaze: Tensor, theta: Tensor, alpha: Tensor,
-            threshold: bool, k_sentences: int, k_patches: int, floor: float, mse: bool, gaze_threshold: float,
-            with_mlce: bool, with_egm: bool) -> tuple[Tensor, Tensor, Tensor]:
+            *options) -> tuple[Tensor, Tensor, Tensor]:
     """terms [B, 4] fp32 (mlce_s2p, mlce_p2s, egm_image, egm_text), A0 [B, n, M] fp32, lse_col [B, n] fp32."""
-    opts = _options(threshold, k_sentences, k_patches, floor, mse, gaze_threshold, with_mlce, with_egm)
-    return _cm.cross_map_forward(P, S, sent_mask.view(torch.uint8), GS, use_gaze.view(torch.uint8), theta, alpha, opts)
+    return _cm.cross_map_forward(P, S, sent_mask.view(torch.uint8), GS, use_gaze.view(torch.uint8), theta, alpha,
+                                 CrossMapParams.from_op_args(*options))
 
 
 @_cm_fwd.register_fake
 def _cm_fwd_fake(P, S, sent_mask, GS, use_gaze, theta, alpha, *options):
-    B, n, _ = P.shape
-    M = S.shape[1]
+    B, n, M = check_cross_map_meta(P, S, sent_mask, GS, use_gaze, theta, alpha)
     return (P.new_empty(B, 4, dtype=torch.float32), P.new_empty(B, n, M, dtype=torch.float32),
             P.new_empty(B, n, dtype=torch.float32))
 
 
-@torch.library.custom_op("egma_fast::triton_cross_map_bwd", mutates_args=())
+@torch.library.custom_op(
+    "egma_fast::triton_cross_map_bwd", mutates_args=(),
+    schema=f"(Tensor gterms, {_CM_INPUTS}, Tensor a0, Tensor lse_col, {CrossMapParams.OP_SCHEMA}) -> (Tensor, Tensor, Tensor)")
 def _cm_bwd(gterms: Tensor, P: Tensor, S: Tensor, sent_mask: Tensor, GS: Tensor, use_gaze: Tensor, theta: Tensor,
-            alpha: Tensor, a0: Tensor, lse_col: Tensor, threshold: bool, k_sentences: int, k_patches: int, floor: float,
-            mse: bool, gaze_threshold: float, with_mlce: bool, with_egm: bool) -> tuple[Tensor, Tensor, Tensor]:
+            alpha: Tensor, a0: Tensor, lse_col: Tensor, *options) -> tuple[Tensor, Tensor, Tensor]:
     """dP, dS in the features' dtype and dalpha per instance [B] fp32."""
-    opts = _options(threshold, k_sentences, k_patches, floor, mse, gaze_threshold, with_mlce, with_egm)
     return _cm.cross_map_backward(gterms, P, S, sent_mask.view(torch.uint8), GS, use_gaze.view(torch.uint8), theta,
-                                  alpha, a0, lse_col, opts)
+                                  alpha, a0, lse_col, CrossMapParams.from_op_args(*options))
 
 
 @_cm_bwd.register_fake
 def _cm_bwd_fake(gterms, P, S, sent_mask, GS, use_gaze, theta, alpha, a0, lse_col, *options):
-    return torch.empty_like(P), torch.empty_like(S), P.new_empty(P.shape[0], dtype=torch.float32)
+    B, n, M = check_cross_map_meta(P, S, sent_mask, GS, use_gaze, theta, alpha)
+    torch._check(tuple(gterms.shape) == (B, 4), lambda: f"gterms must be [B, 4] = [{B}, 4], got {list(gterms.shape)}")
+    torch._check(tuple(a0.shape) == (B, n, M), lambda: f"a0 must be [B, n, M] = [{B}, {n}, {M}], got {list(a0.shape)}")
+    torch._check(tuple(lse_col.shape) == (B, n), lambda: f"lse_col must be [B, n] = [{B}, {n}], got {list(lse_col.shape)}")
+    return torch.empty_like(P), torch.empty_like(S), P.new_empty(B, dtype=torch.float32)
 
 
 def _cm_setup(ctx, inputs, output) -> None:
@@ -254,6 +264,7 @@ def _cm_backward(ctx, gterms, _ga0, _glse):
         gterms = P.new_zeros(P.shape[0], 4, dtype=torch.float32)
     dP, dS, dalpha = _cm_bwd(gterms.to(torch.float32).contiguous(), P, S, sent_mask, GS, use_gaze, theta, alpha, a0,
                              lse_col, *ctx.options)
+    # GS and theta are data: no gradient (SPEC 3.1).
     return (dP, dS, None, None, None, None, dalpha.sum().reshape(1)) + (None,) * len(ctx.options)
 
 
@@ -265,7 +276,7 @@ def cross_map(
     params: CrossMapParams,
 ) -> CrossMapTerms:
     """reference.cross_map on the fused kernels: CrossMapTerms of [B] fp32 tensors, gradients to P,
-    S and alpha."""
+    S and alpha (none to GS or theta)."""
     _check_features("P", P)
     _check_features("S", S)
     B, n, d = P.shape
@@ -280,20 +291,15 @@ def cross_map(
         raise ValueError(f"theta must be a float tensor of shape [{B}]")
     if not isinstance(alpha, Tensor) or alpha.numel() != 1 or not alpha.dtype.is_floating_point:
         raise ValueError("alpha must be a one-element float tensor")
-    if params.omega not in ("topk", "threshold"):
-        raise ValueError(f"omega must be 'topk' or 'threshold', got {params.omega!r}")
-    if params.single_sentence not in ("drop", "mse"):
-        raise ValueError(f"single_sentence must be 'drop' or 'mse', got {params.single_sentence!r}")
     if torch.float64 in (P.dtype, S.dtype):
-        return reference.cross_map(P, S, sent_mask, GS, use_gaze, theta, alpha, params)
+        return _oracle.cross_map(P, S, sent_mask, GS, use_gaze, theta, alpha, params)
+    _cm.check_sizes(n, M)  # one instance's tiles must fit Triton's tensor limit: say so up front
     P, S = _features(P, S)
-    GS = GS.to(torch.float32 if GS.dtype == torch.float64 else GS.dtype).contiguous()
+    GS = GS.detach().to(torch.float32 if GS.dtype == torch.float64 else GS.dtype).contiguous()
     alpha1 = alpha.reshape(1).to(device=P.device, dtype=torch.float32)
-    terms, _, _ = _cm_fwd(
-        P, S, sent_mask.contiguous(), GS, use_gaze.contiguous(), theta.to(device=P.device, dtype=torch.float32).contiguous(),
-        alpha1, params.omega == "threshold", int(params.k_sentences), int(min(params.k_patches, n)), float(params.floor),
-        params.single_sentence == "mse", float(params.gaze_threshold), bool(params.with_mlce), bool(params.with_egm),
-    )
+    theta = theta.detach().to(device=P.device, dtype=torch.float32).contiguous()
+    terms, _, _ = _cm_fwd(P, S, sent_mask.contiguous(), GS, use_gaze.contiguous(), theta, alpha1,
+                          *params.replace(k_patches=min(params.k_patches, n)).op_args())
     return CrossMapTerms(*terms.unbind(1))
 
 
