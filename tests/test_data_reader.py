@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from egma_fast.data.collate import Batch
+from egma_fast.data.errors import DataError
 from egma_fast.data.reader import make_loader
 from egma_fast.data.sample import encode_sample
 from egma_fast.data.shards import iter_shard_samples, shard_urls
@@ -196,10 +197,11 @@ def test_corrupt_samples_are_skipped_and_counted_per_worker(tmp_path, stored, ca
         # the truncated PNG, plus the sample the cut shard left without its png
         assert stats["total"]["png"] == 2 and stats["total"].get("tar", 0) >= 1
         assert stats["count"] == sum(stats["total"].values())
-        assert loader.state_dict()["skipped"] == stats["total"]
+        assert loader.state_dict()["skipped"] == stats["per_shard"]
+        assert set(stats["per_shard"]) == set(urls)  # every bad shard named
         if nw == 2:
             assert set(stats["per_worker"]) == {0, 1}
-    assert "skipping bad sample" in caplog.text
+    assert "bad sample" in caplog.text
 
 
 def test_pad_sentences_and_bad_arguments(shards):
@@ -228,9 +230,12 @@ def test_unreadable_shards_are_counted_and_fail_loudly_when_resampled(tmp_path, 
         p.write_bytes(np.random.default_rng(i).bytes(3000))
         urls.append(str(p))
     finite = make_loader(urls, None, batch_size=2, **KW)
-    assert list(finite) == [] and finite.skip_stats()["total"] == {"tar": 2}
+    with pytest.raises(DataError, match="no readable sample"):
+        list(finite)
+    assert finite.skip_stats()["total"] == {"tar": 2}
+    assert set(finite.skip_stats()["per_shard"]) == set(urls)
     endless = make_loader(urls, None, batch_size=2, resampled=True, epoch_batches=2, **KW)
-    with pytest.raises(RuntimeError, match="consecutive"):
+    with pytest.raises(DataError, match="consecutive"):
         list(endless)
     # a sample whose label vector has another length than the stream's is skipped, not fatal
     import webdataset as wds

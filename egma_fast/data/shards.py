@@ -24,7 +24,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from egma_fast.data.errors import DataError
 from egma_fast.data.sample import GazeSample, SampleDecodeError, decode_sample, encode_sample, sanitize_key
+from egma_fast.data.skips import SkipLedger, read_shards, totals_by_reason
 from egma_fast.gaze.heatmaps import sentence_heatmaps
 from egma_fast.gaze.images import load_grey_image
 from egma_fast.gaze.records import GazeReading
@@ -33,9 +35,11 @@ from egma_fast.gaze.sentences import split_sentences
 logger = logging.getLogger("egma_fast.data")
 
 __all__ = [
+    "expand_urls",
     "iter_shard_samples",
     "read_sizes",
     "samples_from_records",
+    "shard_sizes",
     "shard_urls",
     "write_samples",
     "write_shards_from_records",
@@ -105,14 +109,27 @@ def write_samples(
 
 
 def read_sizes(path: str | os.PathLike) -> dict[str, Any]:
-    """Load sizes.json (``path`` is the file or the folder holding it)."""
+    """Load sizes.json (``path`` is the file or the folder holding it).
+
+    Raises:
+        DataError: a missing file, invalid JSON, or no ``shards`` / ``total`` (one line naming the file).
+    """
     p = Path(path)
     if p.is_dir():
         p = p / SIZES_FILE
-    with open(p) as f:
-        sizes = json.load(f)
-    if not isinstance(sizes, dict) or "shards" not in sizes or "total" not in sizes:
-        raise ValueError(f"{p}: not a sizes.json (needs 'shards' and 'total')")
+    try:
+        with open(p) as f:
+            sizes = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{p}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{p}: cannot be read ({type(exc).__name__}: {exc})") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{p}: not valid JSON ({exc}); rewrite the shards (egma-fast prepare) or fix the file") from None
+    shards = sizes.get("shards") if isinstance(sizes, dict) else None
+    if (not isinstance(shards, dict) or not isinstance(sizes.get("total"), int)
+            or not all(isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in shards.items())):
+        raise DataError(f"{p}: not a sizes.json (needs 'shards': {{name: count}} and 'total': count)")
     return sizes
 
 
@@ -123,28 +140,80 @@ def shard_urls(path: str | os.PathLike) -> list[str]:
     return [str(folder / name) for name in read_sizes(p)["shards"]]
 
 
-def iter_shard_samples(urls: Sequence[str | os.PathLike], skipped: Counter | None = None) -> Iterator[GazeSample]:
-    """Decode every sample of the given shards, in stored order, without any transform.
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
 
-    Bad samples and unreadable shards are skipped, counted in ``skipped`` (reason -> count) and
-    logged. For training use :func:`egma_fast.data.reader.make_loader`.
+
+def expand_urls(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Shard list from a dataset folder (its sizes.json, else its *.tar sorted), a sizes.json path, a brace pattern
+    ("data/shard-{000000..000099}.tar"), a single path, or a list of those.
+
+    Raises:
+        DataError: a folder or local shard that does not exist, a folder without shards.
     """
-    import webdataset as wds
+    import webdataset as wds  # noqa: PLC0415 (a train extra: `import egma_fast.data` works without it)
 
+    if isinstance(urls, (str, os.PathLike)):
+        p = Path(urls)
+        if p.is_dir() and not (p / SIZES_FILE).is_file():
+            out = sorted(str(q) for q in p.glob("*.tar"))
+            if not out:
+                raise DataError(f"{p}: no shards here (no sizes.json and no *.tar); write them with egma-fast prepare")
+        elif p.is_dir() or p.name == SIZES_FILE:
+            out = shard_urls(p)
+        else:
+            out = wds.shardlists.expand_urls(str(urls))
+            missing = [u for u in out if _is_local(u) and not Path(u).exists()]
+            if missing:
+                raise DataError(f"{str(urls)!r}: no such file or folder" if len(out) == 1 else
+                                f"{str(urls)!r}: {len(missing)} of its {len(out)} shards do not exist (e.g. {missing[0]!r})")
+    else:
+        out = []
+        for u in urls:
+            out.extend(expand_urls(u))
+    if not out:
+        raise DataError(f"no shards found in {urls!r}")
+    return [str(u) for u in out]
+
+
+def shard_sizes(urls: Sequence[str]) -> dict[str, int]:
+    """Expected samples per shard from the sizes.json beside each local shard (shards it does not
+    list, or without one, are left out: their size is unknown)."""
+    out: dict[str, int] = {}
+    listed: dict[Path, dict[str, int]] = {}
+    for url in urls:
+        if not _is_local(url):
+            continue
+        folder = Path(url).parent
+        if folder not in listed:
+            listed[folder] = read_sizes(folder)["shards"] if (folder / SIZES_FILE).is_file() else {}
+        n = listed[folder].get(Path(url).name)
+        if n is not None:
+            out[url] = n
+    return out
+
+
+def iter_shard_samples(
+    urls: str | os.PathLike | Sequence[str | os.PathLike], skipped: Counter | None = None
+) -> Iterator[GazeSample]:
+    """Decode every sample of the given shards (one path, or a sequence of paths), in stored
+    order, without any transform.
+
+    Bad samples and unreadable or short shards (against sizes.json) are skipped, counted in
+    ``skipped`` (reason -> count) and logged, the first of each kind per shard. For training use
+    :func:`egma_fast.data.reader.make_loader`.
+    """
+    paths = [str(urls)] if isinstance(urls, (str, os.PathLike)) else [str(u) for u in urls]
     skipped = skipped if skipped is not None else Counter()
-
-    def on_error(exn: Exception) -> bool:
-        skipped["tar"] += 1
-        logger.warning("skipping unreadable shard data: %r", exn)
-        return True
-
-    src = ({"url": str(u)} for u in urls)
-    for raw in wds.tarfile_to_samples(handler=on_error)(src):
-        try:
-            yield decode_sample(raw)
-        except SampleDecodeError as e:
-            skipped[e.field] += 1
-            logger.warning("skipping bad sample %s: %s", raw.get("__key__", "?"), e)
+    ledger = SkipLedger(shard_sizes(paths))
+    try:
+        for raw in read_shards(paths, ledger):
+            try:
+                yield decode_sample(raw)
+            except SampleDecodeError as e:
+                ledger.skip(raw.get("__url__", "?"), e.field, f"bad sample {raw.get('__key__', '?')} ({e})")
+    finally:
+        skipped.update(totals_by_reason(ledger.snapshot()))
 
 
 def _default_labels(record: GazeReading, class_names: Sequence[str], threshold: float) -> tuple[np.ndarray, int]:

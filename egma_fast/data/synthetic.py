@@ -609,9 +609,10 @@ def write_synthetic_shards(
     """
     kw = dict(image_size=image_size, gaze_fraction=gaze_fraction, normal_fraction=normal_fraction,
               second_finding_prob=second_finding_prob, on_target=on_target)
+    # the class prompts travel with the data: evaluation's eval.prompts="auto" reads them here
     info = {"generator": "egma_fast.data.synthetic", "seed": int(seed), "start": int(start),
-            "classes": list(FINDING_CLASSES), "heatmap_max_side": heatmap_max_side, "pre_s": pre_s,
-            "sigma_frac": sigma_frac, **kw}
+            "classes": list(FINDING_CLASSES), "class_prompts": SYNTHETIC_CLASS_PROMPTS,
+            "heatmap_max_side": heatmap_max_side, "pre_s": pre_s, "sigma_frac": sigma_frac, **kw}
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     hm_kw = dict(heatmap_max_side=heatmap_max_side, pre_s=pre_s, sigma_frac=sigma_frac)
