@@ -3,7 +3,8 @@
 The map is the patch-sentence similarity P s (cosine of each patch token with the sentence
 feature, on the sqrt(n) x sqrt(n) grid in the encoder's row-major order), upsampled bilinearly
 to the image size, min-max scaled to [0, 1], coloured with a jet colormap and blended over the
-image. Pillow writes the PNG (imported only when saving).
+image. Pillow writes the PNG (imported only when saving). To compare models, draw their maps on
+one scale with :mod:`egma_fast.eval.attention_figure` (matplotlib, with colour bars).
 """
 from __future__ import annotations
 
@@ -54,8 +55,10 @@ def patch_sentence_similarity(patch_features: torch.Tensor, sentence_feature: to
     return sim.view(g, g).cpu()
 
 
-def upsample_heatmap(similarity: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """[g, g] map -> [H, W] float32 in [0, 1]: bilinear (half-pixel centres), then min-max (a flat map gives 0)."""
+def upsample_heatmap(similarity: torch.Tensor, size: tuple[int, int], rescale: bool = True) -> np.ndarray:
+    """[g, g] map -> [H, W] float32: bilinear (half-pixel centres), then, with ``rescale``, min-max
+    to [0, 1] (a flat map gives 0). ``rescale=False`` keeps the values, for maps drawn on a
+    shared scale (:mod:`egma_fast.eval.attention_figure`)."""
     sim = torch.as_tensor(similarity).float()
     if sim.dim() != 2:
         raise ValueError(f"similarity must be [g, g], got shape {tuple(sim.shape)}")
@@ -63,6 +66,8 @@ def upsample_heatmap(similarity: torch.Tensor, size: tuple[int, int]) -> np.ndar
     if h < 1 or w < 1:
         raise ValueError(f"size must be positive (H, W), got {size}")
     up = F.interpolate(sim[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    if not rescale:
+        return up.numpy().astype(np.float32)
     lo, hi = float(up.min()), float(up.max())
     up = (up - lo) / (hi - lo) if hi > lo else torch.zeros_like(up)
     return up.numpy().astype(np.float32)

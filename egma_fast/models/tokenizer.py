@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from egma_fast.models.config import MINILM, TINY_TEXT_MODELS, ModelConfig, minilm_path
+from egma_fast.models.hub import from_local
 
 
 def build_tokenizer(model: ModelConfig | str) -> Any:
@@ -27,7 +28,7 @@ def build_tokenizer(model: ModelConfig | str) -> Any:
         return BertTokenizerFast.from_pretrained(str(minilm_path()))
     from transformers import AutoTokenizer  # noqa: PLC0415
 
-    return AutoTokenizer.from_pretrained(name)
+    return from_local(AutoTokenizer.from_pretrained, name, "model.text_model")
 
 
 def tokenize_texts(tokenizer: Any, texts: Sequence[str], max_length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
