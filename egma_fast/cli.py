@@ -170,17 +170,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.egd_cxr or args.reflacx:
-        from egma_fast.data.shards import write_shards_from_records  # noqa: PLC0415
+        from egma_fast.data.shards import write_shards_from_records  # noqa: PLC0415 (only this command needs it)
 
         if args.egd_cxr:
-            from egma_fast.gaze.egd_cxr import EGD_LABEL_COLUMNS, read_egd_cxr  # noqa: PLC0415
+            from egma_fast.gaze.egd_cxr import EGD_LABEL_COLUMNS, read_egd_cxr  # noqa: PLC0415 (only this command needs it)
 
             if not Path(args.egd_cxr).is_dir():
                 raise UsageError(f"--egd-cxr {args.egd_cxr!r} is not a folder")
             records, read_report = read_egd_cxr(args.egd_cxr, image_root=args.image_root)
             classes = getattr(args, "classes", None) or list(EGD_LABEL_COLUMNS)
         else:
-            from egma_fast.gaze.reflacx import read_reflacx  # noqa: PLC0415
+            from egma_fast.gaze.reflacx import read_reflacx  # noqa: PLC0415 (only this command needs it)
 
             if not Path(args.reflacx).is_dir():
                 raise UsageError(f"--reflacx {args.reflacx!r} is not a folder")
@@ -193,7 +193,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
               f"(classes {classes}); reader skipped {sum(skipped.values())} item(s) {skipped}, "
               f"sharding skipped {result['info'].get('skipped', {})}")
         return 0
-    from egma_fast.data.synthetic import write_synthetic_shards  # noqa: PLC0415
+    from egma_fast.data.synthetic import write_synthetic_shards  # noqa: PLC0415 (only this command needs it)
 
     if args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
@@ -208,7 +208,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from egma_fast.train.config import load_config  # noqa: PLC0415 (the trainer stack: only for this command)
-    from egma_fast.train.trainer import Trainer  # noqa: PLC0415
+    from egma_fast.train.trainer import Trainer  # noqa: PLC0415 (only this command needs it)
 
     config = load_config(args.config, args.overrides)
     if args.resume is not None and args.resume != "latest" and not Path(args.resume).is_dir():
@@ -247,7 +247,7 @@ def _find_checkpoint(path: Path) -> Path:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from egma_fast.train.config import TrainConfig, apply_overrides, load_config  # noqa: PLC0415 (only for this command)
-    from egma_fast.train.trainer import Trainer  # noqa: PLC0415
+    from egma_fast.train.trainer import Trainer  # noqa: PLC0415 (only this command needs it)
 
     ckpt = _find_checkpoint(Path(args.checkpoint))
     if hasattr(args, "config"):

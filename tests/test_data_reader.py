@@ -249,3 +249,17 @@ def test_unreadable_shards_are_counted_and_fail_loudly_when_resampled(tmp_path, 
     loader = make_loader([str(tmp_path / "labels.tar")], None, batch_size=4, shuffle=False, **KW)
     assert [k for b in loader for k in b.keys] == [good[0].key, good[2].key]
     assert loader.skip_stats()["total"] == {"labels.json": 1}
+
+
+def test_options_object_and_keywords_give_the_same_loader(shards):
+    from egma_fast.data.options import LoaderOptions
+
+    options = LoaderOptions(batch_size=4, shuffle=True, shuffle_buffer=8, seed=5, **KW)
+    a = [b.keys for b in make_loader(shards, None, options)]
+    b = [b.keys for b in make_loader(shards, None, batch_size=4, shuffle=True, shuffle_buffer=8, seed=5, **KW)]
+    c = [b.keys for b in make_loader(shards, None, options.replace(seed=6))]
+    assert a == b and a != c
+    with pytest.raises(ValueError, match="unknown loader option"):
+        make_loader(shards, None, options, batch_sise=3)
+    with pytest.raises(ValueError, match="batch_size"):
+        make_loader(shards, None, shuffle=False)

@@ -73,7 +73,7 @@ def write_samples(
         the sizes.json content plus ``urls`` (shard paths, in order) and ``pattern`` (a brace
         pattern usable as ``urls`` for :func:`egma_fast.data.reader.make_loader`).
     """
-    import webdataset as wds
+    import webdataset as wds  # noqa: PLC0415 (a train extra: `import egma_fast.data` works without it)
 
     if samples_per_shard <= 0:
         raise ValueError(f"samples_per_shard must be a positive int, got {samples_per_shard}")
@@ -225,7 +225,7 @@ def _default_labels(record: GazeReading, class_names: Sequence[str], threshold: 
 def _downscale(image: np.ndarray, max_side: int | None) -> np.ndarray:
     if max_side is None or max(image.shape) <= max_side:
         return image
-    from PIL import Image
+    from PIL import Image  # noqa: PLC0415 (pillow is the train extra: imported where an image is coded)
 
     H, W = image.shape
     s = max_side / max(H, W)

@@ -26,6 +26,7 @@ cases take seconds.
 """
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import re
 from dataclasses import dataclass, field
@@ -620,8 +621,6 @@ def write_synthetic_shards(
     if num_workers == 0:
         return write_samples(map(_encoded_case, jobs), out_dir, samples_per_shard=samples_per_shard,
                              prefix=prefix, total=n_samples, progress=progress, info=info)
-    import multiprocessing as mp
-
     with mp.get_context().Pool(num_workers) as pool:
         # ordered imap: the shards are identical to the single-process output
         encoded = pool.imap(_encoded_case, jobs, chunksize=16)

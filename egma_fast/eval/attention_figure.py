@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
@@ -69,6 +70,7 @@ def attention_figure(
 
     n = 2 + len(maps)
     fig = Figure(figsize=(panel_inches * n + 1.4, panel_inches + 1.5), layout="constrained")
+    FigureCanvasAgg(fig)  # renders to PNG without pyplot or a display
     axes = fig.subplots(1, n)
     for ax in axes:
         ax.imshow(grey, cmap="gray", interpolation="nearest")

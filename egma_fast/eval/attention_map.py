@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from egma_fast.eval.encode import encode_texts, evaluating, model_device, unwrap_model
+
 
 @dataclass
 class AttentionMap:
@@ -156,8 +158,6 @@ def model_attention_map(
     Uses ``model.encode_patches`` and ``model.encode_sentences`` (the S-side sentence feature)
     in eval mode under no_grad. ``display_image`` (default: ``image`` itself) is what is drawn.
     """
-    from egma_fast.eval.encode import encode_texts, evaluating, model_device, unwrap_model  # noqa: PLC0415
-
     img = torch.as_tensor(image)
     if img.dim() != 3:
         raise ValueError(f"image must be one preprocessed image [C, H, W], got shape {tuple(img.shape)}")

@@ -66,9 +66,8 @@ def gaze_speed(
     Samples are assumed (near) uniformly spaced; the spacing is the median of diff(t). Where
     the gap to a neighbour exceeds twice that spacing, the speed is NaN (a dropout, not a saccade).
     """
-    # scipy is the gaze extra's (as is pymovements): imported here so that the synthetic data and
-    # the readers, which import this package, do not need it
-    from scipy.signal import savgol_filter  # noqa: PLC0415
+    # the synthetic data and the readers import this package without needing scipy
+    from scipy.signal import savgol_filter  # noqa: PLC0415 (scipy is the gaze extra's, like pymovements)
 
     t, x, y = _check_samples(t, x, y)
     dt = float(np.median(np.diff(t)))
@@ -225,7 +224,7 @@ def detect_fixations_adaptive(
 
 def _pymovements():
     try:
-        import pymovements as pm  # type: ignore
+        import pymovements as pm  # noqa: PLC0415 (optional: the gaze extra)
     except ImportError as e:
         raise ImportError(
             "detect_fixations_pymovements needs pymovements: pip install 'egma-fast[gaze]' "

@@ -28,9 +28,8 @@ def from_local(load: Callable[..., T], name: str, field: str, **kwargs: Any) -> 
     Raises:
         ModelNotFoundError: not a usable folder and not (completely) in the local cache.
     """
-    # the HF stack is imported only when a tower is built (like transformers: see the package doc)
-    from huggingface_hub.constants import HF_HUB_CACHE  # noqa: PLC0415
-    from huggingface_hub.errors import HFValidationError  # noqa: PLC0415
+    from huggingface_hub.constants import HF_HUB_CACHE  # noqa: PLC0415 (the HF stack: only when a tower is built)
+    from huggingface_hub.errors import HFValidationError  # noqa: PLC0415 (the same)
 
     if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
         raise ModelNotFoundError(f"{field}={name!r}: the folder holds no config.json (not a transformers model folder)")

@@ -66,7 +66,7 @@ def _tiny_image_config(config: ModelConfig):
 
 def build_image_encoder(config: ModelConfig) -> nn.Module:
     """The HF image encoder named by ``config.image_model`` (no classification head, no ViT pooler)."""
-    from transformers import AutoConfig, AutoModel  # noqa: PLC0415
+    from transformers import AutoConfig, AutoModel  # noqa: PLC0415 (transformers is imported only when a tower is built)
 
     attn = resolve_attn_implementation(config.attn_implementation)
     if config.image_model in ("tiny-swin", "tiny-vit"):

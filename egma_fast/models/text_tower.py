@@ -44,7 +44,7 @@ class TextFeatures:
 
 
 def _tiny_text_config(config: ModelConfig):
-    from transformers import BertConfig  # noqa: PLC0415
+    from transformers import BertConfig  # noqa: PLC0415 (transformers is imported only when a tower is built)
 
     w = config.tiny_width
     return BertConfig(
@@ -61,7 +61,7 @@ def _tiny_text_config(config: ModelConfig):
 
 def build_text_encoder(config: ModelConfig) -> nn.Module:
     """The HF text encoder named by ``config.text_model`` (BERT family, without pooler)."""
-    from transformers import AutoConfig, AutoModel  # noqa: PLC0415
+    from transformers import AutoConfig, AutoModel  # noqa: PLC0415 (transformers is imported only when a tower is built)
 
     attn = resolve_attn_implementation(config.attn_implementation)
     if config.text_model == "tiny-bert":

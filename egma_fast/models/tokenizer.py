@@ -23,10 +23,10 @@ def build_tokenizer(model: ModelConfig | str) -> Any:
     if not isinstance(name, str) or not name:
         raise ValueError(f"model must be a ModelConfig or a text model name, got {model!r}")
     if name in TINY_TEXT_MODELS or name == MINILM:
-        from transformers import BertTokenizerFast  # noqa: PLC0415
+        from transformers import BertTokenizerFast  # noqa: PLC0415 (transformers is imported only when a tower is built)
 
         return BertTokenizerFast.from_pretrained(str(minilm_path()))
-    from transformers import AutoTokenizer  # noqa: PLC0415
+    from transformers import AutoTokenizer  # noqa: PLC0415 (transformers is imported only when a tower is built)
 
     return from_local(AutoTokenizer.from_pretrained, name, "model.text_model")
 
