@@ -1,15 +1,58 @@
-"""LoaderOptions: every knob of the streaming reader, as one object.
+"""Option objects of the data layer, each knob declared once.
 
-:func:`egma_fast.data.reader.make_loader` takes a LoaderOptions (or its fields as keywords);
-the trainer builds one from its DataConfig (:meth:`egma_fast.train.config.DataConfig.loader_options`).
+- :class:`LoaderOptions`: the streaming reader (:func:`egma_fast.data.reader.make_loader` takes
+  one, or its fields as keywords; the trainer builds one from its config).
+- :class:`HeatmapOptions`: how stored sentence heatmaps are made, for real and synthetic data.
+
+Functions that take an options object also take its fields as keywords (:func:`take_fields`),
+so a call can name just the knobs it changes.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "LoaderOptions"]
+from egma_fast.gaze.heatmaps import SentenceHeatmaps, sentence_heatmaps
+from egma_fast.gaze.records import GazeReading
+from egma_fast.gaze.sentences import Sentence
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "HeatmapOptions", "LoaderOptions", "take_fields"]
+
+T = TypeVar("T")
+
+
+def take_fields(options: T | None, cls: type[T], fields: dict[str, Any]) -> T:
+    """``options`` (default ``cls()``) with the entries of ``fields`` that name ``cls``'s fields set;
+    those entries are removed from ``fields`` (so several option classes can share one **kwargs)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    mine = {k: fields.pop(k) for k in list(fields) if k in names}
+    return dataclasses.replace(options if options is not None else cls(), **mine)
+
+
+def no_fields_left(fields: dict[str, Any], where: str) -> None:
+    """Raise TypeError naming the keywords no options class took."""
+    if fields:
+        raise TypeError(f"{where}() got unexpected keyword argument(s) {sorted(fields)}")
+
+
+@dataclass(frozen=True)
+class HeatmapOptions:
+    """Sentence heatmaps as stored in shards (SPEC 5; :func:`egma_fast.gaze.heatmaps.sentence_heatmaps`)."""
+
+    #: Longer side of the stored heatmap grid (it spans the whole image).
+    heatmap_max_side: int = 64
+    #: The word window is widened this many seconds backwards (gaze precedes dictation).
+    pre_s: float = 1.0
+    #: Gaussian sigma as a fraction of the image's longer side.
+    sigma_frac: float = 0.05
+    #: Fixation weight: "duration" or "count".
+    weight: str = "duration"
+
+    def sentence_heatmaps(self, reading: GazeReading, sentences: Sequence[Sentence]) -> SentenceHeatmaps:
+        """The heatmaps of ``sentences`` of ``reading`` with these options."""
+        return sentence_heatmaps(reading, sentences, pre_s=self.pre_s, sigma_frac=self.sigma_frac,
+                                 max_side=self.heatmap_max_side, weight=self.weight)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -14,10 +14,12 @@ sentences, computes the sentence heatmaps (SPEC 5) on a reduced grid, and writes
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -25,9 +27,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from egma_fast.data.errors import DataError
+from egma_fast.data.options import HeatmapOptions, no_fields_left, take_fields
 from egma_fast.data.sample import GazeSample, SampleDecodeError, decode_sample, encode_sample, sanitize_key
 from egma_fast.data.skips import SkipLedger, read_shards, totals_by_reason
-from egma_fast.gaze.heatmaps import sentence_heatmaps
 from egma_fast.gaze.images import load_grey_image
 from egma_fast.gaze.records import GazeReading
 from egma_fast.gaze.sentences import split_sentences
@@ -35,6 +37,7 @@ from egma_fast.gaze.sentences import split_sentences
 logger = logging.getLogger("egma_fast.data")
 
 __all__ = [
+    "RecordOptions",
     "expand_urls",
     "iter_shard_samples",
     "read_sizes",
@@ -233,25 +236,40 @@ def _downscale(image: np.ndarray, max_side: int | None) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0))
 
 
+@dataclass(frozen=True)
+class RecordOptions:
+    """How canonical readings become training samples (besides the heatmaps)."""
+
+    #: Label names; labels = 1 where ``record.labels[name] > label_threshold``, class index =
+    #: the first positive (-1 when none).
+    class_names: Sequence[str] = ()
+    #: ``label_fn(record) -> (multi_hot, class_index)`` instead of the rule above.
+    label_fn: Callable[[GazeReading], tuple[np.ndarray, int]] | None = None
+    label_threshold: float = 0.0
+    #: path -> uint8 [H, W] (default: Pillow, or pydicom for .dcm).
+    image_loader: Callable[[str], np.ndarray] = load_grey_image
+    #: Images larger than this are stored downscaled (heatmaps are stored on their own grid,
+    #: which spans the whole image, so alignment is unaffected).
+    image_max_side: int | None = 512
+
+
 def samples_from_records(
     records: Iterable[GazeReading],
+    options: RecordOptions | None = None,
+    heatmaps: HeatmapOptions | None = None,
     *,
-    class_names: Sequence[str] = (),
-    label_fn: Callable[[GazeReading], tuple[np.ndarray, int]] | None = None,
-    label_threshold: float = 0.0,
-    image_loader: Callable[[str], np.ndarray] = load_grey_image,
-    image_max_side: int | None = 512,
-    heatmap_max_side: int = 64,
-    pre_s: float = 1.0,
-    sigma_frac: float = 0.05,
-    weight: str = "duration",
     skipped: Counter | None = None,
+    **fields: Any,
 ) -> Iterator[GazeSample]:
-    """Training samples from canonical readings (see :func:`write_shards_from_records`).
+    """Training samples from canonical readings (see :func:`write_shards_from_records`; ``fields``:
+    RecordOptions / HeatmapOptions fields as keywords).
 
     Readings whose image cannot be loaded, or whose transcript has no sentence, are skipped,
     counted in ``skipped`` (reason -> count) and logged.
     """
+    options = take_fields(options, RecordOptions, fields)
+    heatmaps = take_fields(heatmaps, HeatmapOptions, fields)
+    no_fields_left(fields, "samples_from_records")
     skipped = skipped if skipped is not None else Counter()
     for rec in records:
         sents = split_sentences(rec.words)
@@ -260,7 +278,7 @@ def samples_from_records(
             logger.warning("skipping %s: transcript has no sentence", rec.reading_id)
             continue
         try:
-            image = image_loader(rec.image_path)
+            image = options.image_loader(rec.image_path)
         except Exception as e:  # any loader failure skips the reading, loudly
             skipped["image_unreadable"] += 1
             logger.warning("skipping %s: cannot load image %r: %s", rec.reading_id, rec.image_path, e)
@@ -269,12 +287,12 @@ def samples_from_records(
             skipped["image_size_mismatch"] += 1
             logger.warning("skipping %s: image is %s, record says %s", rec.reading_id, image.shape[:2], rec.image_size)
             continue
-        shm = sentence_heatmaps(rec, sents, pre_s=pre_s, sigma_frac=sigma_frac,
-                                max_side=heatmap_max_side, weight=weight)
-        labels, cls = label_fn(rec) if label_fn is not None else _default_labels(rec, class_names, label_threshold)
+        shm = heatmaps.sentence_heatmaps(rec, sents)
+        labels, cls = (options.label_fn(rec) if options.label_fn is not None
+                       else _default_labels(rec, options.class_names, options.label_threshold))
         yield GazeSample(
             key=sanitize_key(f"{rec.dataset}-{rec.reading_id}"),
-            image=_downscale(image, image_max_side),
+            image=_downscale(image, options.image_max_side),
             sentences=[s.text for s in sents],
             heatmaps=shm.heatmaps if shm.has_gaze else None,
             labels=np.asarray(labels, np.float32),
@@ -284,7 +302,7 @@ def samples_from_records(
                 "dataset": rec.dataset,
                 "dicom_id": rec.dicom_id,
                 "report": rec.report,
-                "classes": list(class_names),
+                "classes": list(options.class_names),
                 "fallback": shm.fallback.tolist(),
                 "source_image_size": list(rec.image_size),
             },
@@ -294,19 +312,13 @@ def samples_from_records(
 def write_shards_from_records(
     records: Iterable[GazeReading],
     out_dir: str | os.PathLike,
+    options: RecordOptions | None = None,
+    heatmaps: HeatmapOptions | None = None,
     *,
     samples_per_shard: int = 1000,
-    class_names: Sequence[str] = (),
-    label_fn: Callable[[GazeReading], tuple[np.ndarray, int]] | None = None,
-    label_threshold: float = 0.0,
-    image_loader: Callable[[str], np.ndarray] = load_grey_image,
-    image_max_side: int | None = 512,
-    heatmap_max_side: int = 64,
-    pre_s: float = 1.0,
-    sigma_frac: float = 0.05,
-    weight: str = "duration",
     progress: bool = True,
     prefix: str = "shard",
+    **fields: Any,
 ) -> dict[str, Any]:
     """Shard canonical readings for training.
 
@@ -314,34 +326,22 @@ def write_shards_from_records(
         records: readings from :func:`~egma_fast.gaze.egd_cxr.read_egd_cxr`,
             :func:`~egma_fast.gaze.reflacx.read_reflacx`, or your own.
         out_dir: output folder (created).
-        class_names: label names; labels = 1 where ``record.labels[name] > label_threshold``,
-            class index = first positive (-1 when none). ``label_fn(record) -> (multi_hot,
-            class_index)`` overrides this.
-        image_loader: path -> uint8 [H, W] (default: Pillow, or pydicom for .dcm).
-        image_max_side: images larger than this are stored downscaled (heatmaps are stored on
-            their own grid, which spans the whole image, so alignment is unaffected).
-        heatmap_max_side: longer side of the stored heatmap grid.
-        pre_s, sigma_frac, weight: heatmap parameters (:mod:`egma_fast.gaze.heatmaps`).
-        progress: tqdm progress bar.
+        options: labels and images (:class:`RecordOptions`).
+        heatmaps: the stored heatmaps (:class:`~egma_fast.data.options.HeatmapOptions`).
+        samples_per_shard, progress, prefix: as :func:`write_samples`.
+        **fields: fields of either options class, as keywords (``class_names=[...]``).
 
     Returns:
         as :func:`write_samples`, with ``info["skipped"]`` (reason -> count).
     """
+    options = take_fields(options, RecordOptions, fields)
+    heatmaps = take_fields(heatmaps, HeatmapOptions, fields)
+    no_fields_left(fields, "write_shards_from_records")
     recs = list(records) if not isinstance(records, list) else records
     skipped: Counter = Counter()
-    info = {
-        "classes": list(class_names),
-        "heatmap_max_side": heatmap_max_side,
-        "pre_s": pre_s,
-        "sigma_frac": sigma_frac,
-        "weight": weight,
-        "source": sorted({r.dataset for r in recs}),
-    }
-    gen = samples_from_records(
-        recs, class_names=class_names, label_fn=label_fn, label_threshold=label_threshold,
-        image_loader=image_loader, image_max_side=image_max_side, heatmap_max_side=heatmap_max_side,
-        pre_s=pre_s, sigma_frac=sigma_frac, weight=weight, skipped=skipped,
-    )
+    info = {"classes": list(options.class_names), **dataclasses.asdict(heatmaps),
+            "source": sorted({r.dataset for r in recs})}
+    gen = samples_from_records(recs, options, heatmaps, skipped=skipped)
     # the same Counter object: write_samples drains the generator before it writes sizes.json,
     # so the final skip counts land on disk
     info["skipped"] = skipped
