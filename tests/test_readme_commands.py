@@ -8,9 +8,9 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,6 +61,7 @@ def _norm(name: str) -> str:
 
 
 def test_every_imported_package_is_declared_and_every_declared_one_used():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     requirements = list(project["dependencies"]) + [r for extra in project["optional-dependencies"].values() for r in extra]
     declared = {_norm(re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0]) for r in requirements}
