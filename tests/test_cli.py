@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_run import tiny_config
 from egma_fast.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,17 +130,8 @@ def test_torchrun_two_ranks_train_and_resume(tmp_path):
     data = tmp_path / "data"
     write_synthetic_shards(data, 16, seed=9, samples_per_shard=4, image_size=64, heatmap_max_side=16, progress=False)
     run = tmp_path / "run"
-    cfg = tmp_path / "cfg.json"
-    cfg.write_text(json.dumps({
-        "run_dir": str(run),
-        "data": {"train": str(data), "batch_size": 2, "max_tokens": 16},
-        "model": {"image_model": "tiny-vit", "image_size": 64, "embed_dim": 16, "tiny_width": 16},
-        "optim": {"max_steps": 2, "warmup_steps": 1},
-        "checkpoint": {"every": 2, "keep_last": 1},
-        "eval": {"at_end": False},
-        "log": {"every": 1, "progress_bar": False, "tensorboard": False},
-        "dist": {"device": "cpu", "num_threads": 1},
-    }))
+    cfg = tiny_config(tmp_path / "cfg.json", run, {"train": str(data), "batch_size": 2},
+                      model={"image_model": "tiny-vit"}, checkpoint={"every": 2, "keep_last": 1})
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "egma_fast.cli", "train", "--config", str(cfg)]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from egma_fast.data.collate import Batch
+from egma_fast.data.errors import DataError
 from egma_fast.data.reader import make_loader
 from egma_fast.data.sample import encode_sample
 from egma_fast.data.shards import iter_shard_samples, shard_urls
@@ -196,10 +197,11 @@ def test_corrupt_samples_are_skipped_and_counted_per_worker(tmp_path, stored, ca
         # the truncated PNG, plus the sample the cut shard left without its png
         assert stats["total"]["png"] == 2 and stats["total"].get("tar", 0) >= 1
         assert stats["count"] == sum(stats["total"].values())
-        assert loader.state_dict()["skipped"] == stats["total"]
+        assert loader.state_dict()["skipped"] == stats["per_shard"]
+        assert set(stats["per_shard"]) == set(urls)  # every bad shard named
         if nw == 2:
             assert set(stats["per_worker"]) == {0, 1}
-    assert "skipping bad sample" in caplog.text
+    assert "bad sample" in caplog.text
 
 
 def test_pad_sentences_and_bad_arguments(shards):
@@ -228,9 +230,12 @@ def test_unreadable_shards_are_counted_and_fail_loudly_when_resampled(tmp_path, 
         p.write_bytes(np.random.default_rng(i).bytes(3000))
         urls.append(str(p))
     finite = make_loader(urls, None, batch_size=2, **KW)
-    assert list(finite) == [] and finite.skip_stats()["total"] == {"tar": 2}
+    with pytest.raises(DataError, match="no readable sample"):
+        list(finite)
+    assert finite.skip_stats()["total"] == {"tar": 2}
+    assert set(finite.skip_stats()["per_shard"]) == set(urls)
     endless = make_loader(urls, None, batch_size=2, resampled=True, epoch_batches=2, **KW)
-    with pytest.raises(RuntimeError, match="consecutive"):
+    with pytest.raises(DataError, match="consecutive"):
         list(endless)
     # a sample whose label vector has another length than the stream's is skipped, not fatal
     import webdataset as wds
@@ -244,3 +249,17 @@ def test_unreadable_shards_are_counted_and_fail_loudly_when_resampled(tmp_path, 
     loader = make_loader([str(tmp_path / "labels.tar")], None, batch_size=4, shuffle=False, **KW)
     assert [k for b in loader for k in b.keys] == [good[0].key, good[2].key]
     assert loader.skip_stats()["total"] == {"labels.json": 1}
+
+
+def test_options_object_and_keywords_give_the_same_loader(shards):
+    from egma_fast.data.options import LoaderOptions
+
+    options = LoaderOptions(batch_size=4, shuffle=True, shuffle_buffer=8, seed=5, **KW)
+    a = [b.keys for b in make_loader(shards, None, options)]
+    b = [b.keys for b in make_loader(shards, None, batch_size=4, shuffle=True, shuffle_buffer=8, seed=5, **KW)]
+    c = [b.keys for b in make_loader(shards, None, options.replace(seed=6))]
+    assert a == b and a != c
+    with pytest.raises(ValueError, match="unknown loader option"):
+        make_loader(shards, None, options, batch_sise=3)
+    with pytest.raises(ValueError, match="batch_size"):
+        make_loader(shards, None, shuffle=False)

@@ -78,6 +78,9 @@ def test_speed_and_input_validation():
     t = np.arange(200) / 500.0
     v = gaze_speed(t, 100 + 300 * t, np.full_like(t, 5.0))
     np.testing.assert_allclose(v, 300.0, rtol=1e-6)  # exact for a linear path, edges included
+    # order 2: exact for a quadratic path too, the edges by the polynomial fitted to the end windows
+    v = gaze_speed(t, 100 + 300 * t + 400 * t**2, np.full_like(t, 5.0))
+    np.testing.assert_allclose(v, 300 + 800 * t, rtol=1e-6)
     with pytest.raises(ValueError, match="increasing"):
         detect_fixations_adaptive(t[::-1], t, t)
     with pytest.raises(ValueError, match="same length"):

@@ -386,6 +386,28 @@ def test_model_config_rejects_bad_values(kwargs, match):
         ModelConfig(**kwargs)
 
 
+@pytest.mark.parametrize("side", [40, 50, 54, 176])
+def test_one_image_size_rule(side):
+    from egma_fast.models import IMAGE_SIZE_RULE
+
+    with pytest.raises(ValueError) as exc:
+        ModelConfig.tiny(image_size=side)
+    assert IMAGE_SIZE_RULE in str(exc.value)
+    for ok in (16, 32, 48, 112, 128, 160, 224):
+        assert ModelConfig.tiny(image_size=ok).grid in (ok // 16, ok // 32)
+
+
+@pytest.mark.parametrize("field", ["image_model", "text_model"])
+def test_unknown_hub_name_is_a_clear_local_only_error(field, tmp_path):
+    from egma_fast.models import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="neither a local folder nor in the local Hugging Face cache") as exc:
+        EGMAModel(ModelConfig.tiny().replace(**{field: "nobody/no-such-model"}))
+    assert f"model.{field}='nobody/no-such-model'" in str(exc.value) and "nothing is downloaded" in str(exc.value)
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        EGMAModel(ModelConfig.tiny().replace(**{field: str(tmp_path)}))
+
+
 def test_model_config_grid_defaults():
     assert ModelConfig(image_size=224).grid == 7
     assert ModelConfig(image_size=128).grid == 4

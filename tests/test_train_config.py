@@ -84,6 +84,41 @@ def test_overrides_and_errors_name_the_key(tmp_path):
         apply_overrides({}, ["nonsense"])
 
 
+@pytest.mark.parametrize("override, path, value", [
+    ("optim.lr=3e-4", ("optim", "lr"), 3e-4),             # YAML reads 3e-4 as a string
+    ("optim.max_steps=1e3", ("optim", "max_steps"), 1000),
+    ("data.use_gaze=off", ("data", "use_gaze"), False),
+    ("data.epoch_batches=null", ("data", "epoch_batches"), None),
+    ("optim.betas=[0.9, 0.95]", ("optim", "betas"), (0.9, 0.95)),
+    ("eval.retrieval_ks=[1, '5']", ("eval", "retrieval_ks"), (1, 5)),
+    ("run_dir=2024", ("run_dir",), "2024"),
+])
+def test_values_convert_to_their_fields_type(override, path, value):
+    cfg = TrainConfig.from_dict(apply_overrides({}, [override]))
+    got = cfg
+    for key in path:
+        got = getattr(got, key)
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=abc", "optim.lr: expected a number, got 'abc'"),
+    ("data.use_gaze=maybe", "data.use_gaze: expected true or false, got 'maybe'"),
+    ("optim.max_steps=2.5", "optim.max_steps: expected an integer, got 2.5"),
+    ("optim.grad_clip=[1]", "optim.grad_clip: expected a number or null, got [1]"),
+    ("optim.betas=[0.9]", "optim.betas: expected a list of 2 values"),
+    ("eval.retrieval_ks=[1, x]", "eval.retrieval_ks[1]: expected an integer, got 'x'"),
+    ("model.image_size=big", "model.image_size: expected an integer, got 'big'"),
+    ("loss.overrides.lambda_egm=lots", "loss.overrides.lambda_egm: expected a number, got 'lots'"),
+    ("loss.overrides.egm_omega=sometimes", "loss.overrides.egm_omega: expected one of ['topk', 'threshold']"),
+    ("data.loader_kwargs={channel: 1}", "unknown data.loader_kwargs key(s) ['channel']"),
+])
+def test_wrong_types_name_the_key_and_the_type(override, message):
+    with pytest.raises(ConfigError) as exc:
+        TrainConfig.from_dict(apply_overrides({}, [override]))
+    assert message in str(exc.value)
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / name)

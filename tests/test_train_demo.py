@@ -19,9 +19,10 @@ def test_baseline_config_removes_every_gaze_term(tmp_path):
     assert not base.data.use_gaze and base.loss.egma_config().lambda_mlce == 0.0
     # Everything else is the same run.
     a, b = egma.to_dict(), base.to_dict()
+    assert (a["log"]["label"], b["log"]["label"]) == ("EGMA", "no gaze")  # the two progress bars differ
     for d in (a, b):
         d.pop("run_dir"), d["data"].pop("use_gaze"), d["loss"]["overrides"].pop("lambda_mlce", None)
-        d["eval"].pop("at_start")
+        d["eval"].pop("at_start"), d["log"].pop("label")
     assert a == b
 
 

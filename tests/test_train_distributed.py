@@ -56,7 +56,7 @@ def _global_batches(data_dir, n: int) -> list[Batch]:
     from egma_fast.data.reader import make_loader
     from egma_fast.models import build_tokenizer
 
-    loader = make_loader(data_dir / "train", build_tokenizer("tiny-bert"), GLOBAL_BATCH, 0, image_size=64,
+    loader = make_loader(data_dir / "train", build_tokenizer("tiny-bert"), batch_size=GLOBAL_BATCH, image_size=64,
                          heatmap_size=32, max_sentences=6, max_sentence_tokens=16, shuffle=False, rank=0, world_size=1)
     batches = []
     for b in loader:

@@ -86,7 +86,7 @@ def _npz_bytes(**arrays: np.ndarray) -> bytes:
 
 def encode_sample(sample: GazeSample, png_compress_level: int = 1) -> dict[str, Any]:
     """Tar members (ext -> bytes) of a sample, plus ``__key__``."""
-    from PIL import Image
+    from PIL import Image  # noqa: PLC0415 (pillow is the train extra: imported where an image is coded)
 
     img = np.asarray(sample.image)
     if img.dtype != np.uint8 or img.ndim != 2:
@@ -123,7 +123,7 @@ def _json(raw: dict, name: str) -> Any:
 
 def decode_sample(raw: dict[str, Any]) -> GazeSample:
     """Inverse of :func:`encode_sample`; raises :class:`SampleDecodeError` on any bad member."""
-    from PIL import Image
+    from PIL import Image  # noqa: PLC0415 (pillow is the train extra: imported where an image is coded)
 
     key = raw.get("__key__", "?")
     if "png" not in raw:

@@ -24,8 +24,8 @@ def build_word_tokenizer(vocabulary: Iterable[str], model_max_length: int = 512)
     Returns:
         tokenizer with pad/unk/cls/sep/mask tokens ids 0..4, then the words in sorted order.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors  # noqa: PLC0415 (the HF stack is imported only when a tokenizer is built)
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415 (the HF stack is imported only when a tokenizer is built)
 
     words = sorted({w.lower() for w in vocabulary if w and w.strip()} - set(SPECIAL_TOKENS))
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}

@@ -26,6 +26,8 @@ cases take seconds.
 """
 from __future__ import annotations
 
+import dataclasses
+import multiprocessing as mp
 import os
 import re
 from dataclasses import dataclass, field
@@ -33,13 +35,14 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from egma_fast.data.options import HeatmapOptions, no_fields_left, take_fields
 from egma_fast.data.sample import GazeSample, encode_sample
 from egma_fast.data.shards import write_samples
-from egma_fast.gaze.heatmaps import sentence_heatmaps
 from egma_fast.gaze.records import GazeReading, Word, make_fixations
 from egma_fast.gaze.sentences import is_punctuation, split_sentences, tokenize_phrase
 
 __all__ = [
+    "CaseOptions",
     "FINDING_CLASSES",
     "SYNTHETIC_CLASS_PROMPTS",
     "Finding",
@@ -447,43 +450,55 @@ def _check_findings(findings: Sequence[Finding | tuple[str, str, str, float]]) -
     return out
 
 
+@dataclass(frozen=True)
+class CaseOptions:
+    """How synthetic cases are drawn."""
+
+    #: Side of the square image, pixels.
+    image_size: int = 224
+    #: Probability that the case has gaze (fixations).
+    gaze_fraction: float = 0.8
+    #: Probability of "no finding".
+    normal_fraction: float = 0.25
+    #: Probability of a second finding of another kind.
+    second_finding_prob: float = 0.3
+    #: Probability that a fixation during a sentence's window lands on its region.
+    on_target: float = 0.85
+
+    def __post_init__(self) -> None:
+        if self.image_size < 16:
+            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
+        for name in ("gaze_fraction", "normal_fraction", "second_finding_prob", "on_target"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+
 def synthetic_case(
     index: int,
     seed: int = 0,
+    options: CaseOptions | None = None,
     *,
-    image_size: int = 224,
-    gaze_fraction: float = 0.8,
-    normal_fraction: float = 0.25,
-    second_finding_prob: float = 0.3,
-    on_target: float = 0.85,
     findings: Sequence[Finding | tuple[str, str, str, float]] | None = None,
+    **fields: Any,
 ) -> SyntheticCase:
     """Case ``index`` of the synthetic dataset ``seed`` (deterministic in (seed, index)).
 
     Args:
-        image_size: side of the square image, pixels.
-        gaze_fraction: probability that the case has gaze (fixations).
-        normal_fraction: probability of "no finding".
-        second_finding_prob: probability of a second finding of another kind.
-        on_target: probability that a fixation during a sentence's window lands on its region.
+        options: how cases are drawn (:class:`CaseOptions`); ``fields``: its fields as keywords.
         findings: draw exactly these findings instead of random ones: ``Finding`` objects or
             (kind, side, zone, severity) tuples, e.g. ``[("opacity", "left", "lower", 0.8)]``;
             side is the patient's "left"/"right" ("" for cardiomegaly), zone "upper"/"middle"/
             "lower" for opacity ("" otherwise), severity in [0, 1]; ``[]`` gives "no finding".
     """
-    if image_size < 16:
-        raise ValueError(f"image_size must be >= 16, got {image_size}")
-    for name, p in (("gaze_fraction", gaze_fraction), ("normal_fraction", normal_fraction),
-                    ("second_finding_prob", second_finding_prob), ("on_target", on_target)):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {p}")
+    o = take_fields(options, CaseOptions, fields)
+    no_fields_left(fields, "synthetic_case")
     rng = np.random.default_rng([int(seed), int(index)])
-    H = W = int(image_size)
+    H = W = int(o.image_size)
 
     if findings is not None:
         findings = _check_findings(findings)
     else:
-        findings = _random_findings(rng, normal_fraction, second_finding_prob)
+        findings = _random_findings(rng, o.normal_fraction, o.second_finding_prob)
     image, an = _draw(rng, H, findings)
 
     # report sentences with their gaze regions
@@ -509,10 +524,10 @@ def synthetic_case(
     targets = [targets[i] for i in order]
 
     words, windows = _dictate(rng, sentences, t0=float(rng.uniform(1.0, 2.5)))
-    has_gaze = rng.random() < gaze_fraction
+    has_gaze = rng.random() < o.gaze_fraction
     if has_gaze:
         scan = _normal_targets(an, "lungs", H, W) + _normal_targets(an, "heart", H, W)
-        fixations = _simulate_fixations(rng, windows, targets, scan, windows[-1][1] + 0.3, H, W, on_target)
+        fixations = _simulate_fixations(rng, windows, targets, scan, windows[-1][1] + 0.3, H, W, o.on_target)
     else:
         fixations = np.zeros((0, 5))
 
@@ -541,12 +556,13 @@ def generate_cases(n_samples: int, seed: int = 0, start: int = 0, **kwargs: Any)
         yield synthetic_case(i, seed, **kwargs)
 
 
-def case_to_sample(case: SyntheticCase, *, heatmap_max_side: int = 64, pre_s: float = 1.0,
-                   sigma_frac: float = 0.05, weight: str = "duration") -> GazeSample:
-    """The training sample of a case: sentences and heatmaps through the same path as real data."""
+def case_to_sample(case: SyntheticCase, heatmaps: HeatmapOptions | None = None, **fields: Any) -> GazeSample:
+    """The training sample of a case: sentences and heatmaps through the same path as real data
+    (``fields``: HeatmapOptions fields as keywords)."""
+    heatmaps = take_fields(heatmaps, HeatmapOptions, fields)
+    no_fields_left(fields, "case_to_sample")
     sents = split_sentences(case.reading.words)
-    shm = sentence_heatmaps(case.reading, sents, pre_s=pre_s, sigma_frac=sigma_frac,
-                            max_side=heatmap_max_side, weight=weight)
+    shm = heatmaps.sentence_heatmaps(case.reading, sents)
     return GazeSample(
         key=case.key,
         image=case.image,
@@ -574,19 +590,14 @@ def write_synthetic_shards(
     n_samples: int,
     seed: int = 0,
     samples_per_shard: int = 1000,
-    image_size: int = 224,
     *,
-    gaze_fraction: float = 0.8,
-    normal_fraction: float = 0.25,
-    second_finding_prob: float = 0.3,
-    on_target: float = 0.85,
-    heatmap_max_side: int = 64,
-    pre_s: float = 1.0,
-    sigma_frac: float = 0.05,
+    cases: CaseOptions | None = None,
+    heatmaps: HeatmapOptions | None = None,
     start: int = 0,
     num_workers: int = 0,
     progress: bool = True,
     prefix: str = "shard",
+    **fields: Any,
 ) -> dict[str, Any]:
     """Generate ``n_samples`` synthetic cases and write them as WebDataset shards.
 
@@ -594,10 +605,9 @@ def write_synthetic_shards(
         out_dir: output folder (created); gets shard-%06d.tar and sizes.json.
         n_samples: number of cases; seed: dataset seed (case i depends only on (seed, i)).
         samples_per_shard: cases per shard.
-        image_size: square image side.
-        gaze_fraction, normal_fraction, second_finding_prob, on_target: see :func:`synthetic_case`.
-        heatmap_max_side: stored heatmap grid side.
-        pre_s, sigma_frac: heatmap parameters (SPEC 5).
+        cases: how cases are drawn (:class:`CaseOptions`: image_size, gaze_fraction, ...).
+        heatmaps: the stored heatmaps (:class:`~egma_fast.data.options.HeatmapOptions`).
+        **fields: fields of either options class, as keywords (``image_size=64``).
         start: index of the first case (to extend a dataset or split train / val by range).
         num_workers: processes drawing and encoding cases in parallel (0: in this process); the
             output is identical for any value.
@@ -607,20 +617,19 @@ def write_synthetic_shards(
         sizes.json content (``shards``, ``total``, ``info`` with ``classes`` and the settings)
         plus ``urls`` and ``pattern``.
     """
-    kw = dict(image_size=image_size, gaze_fraction=gaze_fraction, normal_fraction=normal_fraction,
-              second_finding_prob=second_finding_prob, on_target=on_target)
+    cases = take_fields(cases, CaseOptions, fields)
+    heatmaps = take_fields(heatmaps, HeatmapOptions, fields)
+    no_fields_left(fields, "write_synthetic_shards")
+    # the class prompts travel with the data: evaluation's eval.prompts="auto" reads them here
     info = {"generator": "egma_fast.data.synthetic", "seed": int(seed), "start": int(start),
-            "classes": list(FINDING_CLASSES), "heatmap_max_side": heatmap_max_side, "pre_s": pre_s,
-            "sigma_frac": sigma_frac, **kw}
+            "classes": list(FINDING_CLASSES), "class_prompts": SYNTHETIC_CLASS_PROMPTS,
+            **dataclasses.asdict(heatmaps), **dataclasses.asdict(cases)}
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    hm_kw = dict(heatmap_max_side=heatmap_max_side, pre_s=pre_s, sigma_frac=sigma_frac)
-    jobs = ((i, int(seed), kw, hm_kw) for i in range(start, start + n_samples))
+    jobs = ((i, int(seed), cases, heatmaps) for i in range(start, start + n_samples))
     if num_workers == 0:
         return write_samples(map(_encoded_case, jobs), out_dir, samples_per_shard=samples_per_shard,
                              prefix=prefix, total=n_samples, progress=progress, info=info)
-    import multiprocessing as mp
-
     with mp.get_context().Pool(num_workers) as pool:
         # ordered imap: the shards are identical to the single-process output
         encoded = pool.imap(_encoded_case, jobs, chunksize=16)
@@ -628,6 +637,6 @@ def write_synthetic_shards(
                              total=n_samples, progress=progress, info=info)
 
 
-def _encoded_case(job: tuple[int, int, dict, dict]) -> dict[str, Any]:
-    index, seed, kw, hm_kw = job
-    return encode_sample(case_to_sample(synthetic_case(index, seed, **kw), **hm_kw))
+def _encoded_case(job: tuple[int, int, CaseOptions, HeatmapOptions]) -> dict[str, Any]:
+    index, seed, cases, heatmaps = job
+    return encode_sample(case_to_sample(synthetic_case(index, seed, cases), heatmaps))

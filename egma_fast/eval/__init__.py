@@ -21,7 +21,15 @@ from egma_fast.eval.metrics import (
     macro_f1,
     precision_at_k,
 )
-from egma_fast.eval.prompts import DEFAULT_PROMPTS, PROMPT_SETS, align_prompts, get_prompts
+from egma_fast.eval.prompts import (
+    DEFAULT_PROMPTS,
+    PROMPT_SETS,
+    PromptSets,
+    align_prompts,
+    dataset_prompts,
+    get_prompts,
+    resolve_prompts,
+)
 from egma_fast.eval.retrieval import relevance_matrix, retrieval_evaluate, retrieval_precision_at_k
 from egma_fast.eval.zero_shot import (
     ZeroShotResult,
@@ -36,6 +44,7 @@ __all__ = [
     "DEFAULT_PROMPTS",
     "LinearProbe",
     "PROMPT_SETS",
+    "PromptSets",
     "ZeroShotResult",
     "accuracy",
     "align_prompts",
@@ -43,6 +52,7 @@ __all__ = [
     "average_ranks",
     "binary_auroc",
     "class_scores",
+    "dataset_prompts",
     "encode_image_loader",
     "encode_reports",
     "encode_texts",
@@ -59,6 +69,7 @@ __all__ = [
     "relevance_matrix",
     "render_attention_map",
     "retrieval_evaluate",
+    "resolve_prompts",
     "retrieval_precision_at_k",
     "upsample_heatmap",
     "zero_shot_classify",

@@ -3,7 +3,8 @@
 The map is the patch-sentence similarity P s (cosine of each patch token with the sentence
 feature, on the sqrt(n) x sqrt(n) grid in the encoder's row-major order), upsampled bilinearly
 to the image size, min-max scaled to [0, 1], coloured with a jet colormap and blended over the
-image. Pillow writes the PNG (imported only when saving).
+image. Pillow writes the PNG (imported only when saving). To compare models, draw their maps on
+one scale with :mod:`egma_fast.eval.attention_figure` (matplotlib, with colour bars).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from egma_fast.eval.encode import encode_texts, evaluating, model_device, unwrap_model
 
 
 @dataclass
@@ -54,8 +57,10 @@ def patch_sentence_similarity(patch_features: torch.Tensor, sentence_feature: to
     return sim.view(g, g).cpu()
 
 
-def upsample_heatmap(similarity: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """[g, g] map -> [H, W] float32 in [0, 1]: bilinear (half-pixel centres), then min-max (a flat map gives 0)."""
+def upsample_heatmap(similarity: torch.Tensor, size: tuple[int, int], rescale: bool = True) -> np.ndarray:
+    """[g, g] map -> [H, W] float32: bilinear (half-pixel centres), then, with ``rescale``, min-max
+    to [0, 1] (a flat map gives 0). ``rescale=False`` keeps the values, for maps drawn on a
+    shared scale (:mod:`egma_fast.eval.attention_figure`)."""
     sim = torch.as_tensor(similarity).float()
     if sim.dim() != 2:
         raise ValueError(f"similarity must be [g, g], got shape {tuple(sim.shape)}")
@@ -63,6 +68,8 @@ def upsample_heatmap(similarity: torch.Tensor, size: tuple[int, int]) -> np.ndar
     if h < 1 or w < 1:
         raise ValueError(f"size must be positive (H, W), got {size}")
     up = F.interpolate(sim[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    if not rescale:
+        return up.numpy().astype(np.float32)
     lo, hi = float(up.min()), float(up.max())
     up = (up - lo) / (hi - lo) if hi > lo else torch.zeros_like(up)
     return up.numpy().astype(np.float32)
@@ -151,8 +158,6 @@ def model_attention_map(
     Uses ``model.encode_patches`` and ``model.encode_sentences`` (the S-side sentence feature)
     in eval mode under no_grad. ``display_image`` (default: ``image`` itself) is what is drawn.
     """
-    from egma_fast.eval.encode import encode_texts, evaluating, model_device, unwrap_model  # noqa: PLC0415
-
     img = torch.as_tensor(image)
     if img.dim() != 3:
         raise ValueError(f"image must be one preprocessed image [C, H, W], got shape {tuple(img.shape)}")

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from egma_fast.models.tokenizer import tokenize_reports
+
 IMAGE_KEYS = ("images", "image", "pixel_values")
 LABEL_KEYS = ("labels", "label", "targets")
 
@@ -176,8 +178,6 @@ def encode_reports(
 
     Every rank encodes the same reports (collective under FSDP2).
     """
-    from egma_fast.models.tokenizer import tokenize_reports  # noqa: PLC0415
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if len(reports) == 0:

@@ -3,8 +3,9 @@
 Main path: :func:`detect_fixations_adaptive`, an adaptive velocity-threshold detector in the
 style of Nystroem & Holmqvist (2010), in numpy:
 
-1. velocity: Savitzky-Golay first derivative of x and y (window ``smooth_window_s``, default
-   20 ms, polynomial order 2), speed = |(vx, vy)| in pixels/s (or deg/s when
+1. velocity: Savitzky-Golay first derivative of x and y (``scipy.signal.savgol_filter``, window
+   ``smooth_window_s``, default 20 ms, polynomial order 2; at the ends the polynomial fitted to
+   the first / last window), speed = |(vx, vy)| in pixels/s (or deg/s when
    ``pixels_per_degree`` is given);
 2. peak threshold PT, data-driven: start from ``initial_threshold`` and iterate
    PT <- mean(v[v < PT]) + 6 sd(v[v < PT]) until it moves by less than ``tol``. The paper starts
@@ -20,9 +21,9 @@ style of Nystroem & Holmqvist (2010), in numpy:
 5. fixations: the remaining runs of valid samples (NaN samples, e.g. blinks, break runs)
    lasting at least ``min_duration`` (default 40 ms); position = mean of the run's samples.
 
-Optional cross-check path: :func:`detect_fixations_pymovements` runs pymovements' I-VT or I-DT
-(``pip install egma-fast[gaze]``); it raises ImportError with that hint when pymovements is
-missing.
+Both need the ``gaze`` extra (``pip install 'egma-fast[gaze]'``: scipy, pymovements). Optional
+cross-check path: :func:`detect_fixations_pymovements` runs pymovements' I-VT or I-DT; it raises
+ImportError with that hint when pymovements is missing.
 
 Fixations come back in the canonical [F, 5] layout (start, end, x, y, duration), start/end being
 the times of the first/last sample of the run.
@@ -57,14 +58,6 @@ def _check_samples(t: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.ndar
     return t, x, y
 
 
-def _savgol_derivative_coeffs(window: int, polyorder: int) -> np.ndarray:
-    """Coefficients c[k], k = -m..m, with sum_k c[k] f(i + k) ~ f'(i) (unit sample spacing)."""
-    m = window // 2
-    k = np.arange(-m, m + 1, dtype=np.float64)
-    A = np.vander(k, polyorder + 1, increasing=True)  # [window, p+1]
-    return np.linalg.pinv(A)[1]  # row of the linear coefficient = derivative at k = 0
-
-
 def gaze_speed(
     t: np.ndarray, x: np.ndarray, y: np.ndarray, *, smooth_window_s: float = 0.02, polyorder: int = 2
 ) -> np.ndarray:
@@ -73,6 +66,9 @@ def gaze_speed(
     Samples are assumed (near) uniformly spaced; the spacing is the median of diff(t). Where
     the gap to a neighbour exceeds twice that spacing, the speed is NaN (a dropout, not a saccade).
     """
+    # the synthetic data and the readers import this package without needing scipy
+    from scipy.signal import savgol_filter  # noqa: PLC0415 (scipy is the gaze extra's, like pymovements)
+
     t, x, y = _check_samples(t, x, y)
     dt = float(np.median(np.diff(t)))
     window = max(polyorder + 2, int(round(smooth_window_s / dt)))
@@ -80,20 +76,13 @@ def gaze_speed(
     n = t.shape[0]
     if window > n:
         window = n if n % 2 else n - 1
-    c = _savgol_derivative_coeffs(window, min(polyorder, window - 1))
-    m = window // 2
-    vx = np.convolve(x, c[::-1], mode="same") / dt
-    vy = np.convolve(y, c[::-1], mode="same") / dt
-    # edges: the centred filter would see zero padding; fit the same polynomial to the first /
-    # last `window` samples instead and take its derivative at the edge sample
-    p = min(polyorder, window - 1)
-    for i in range(min(m, n)):
-        k = np.arange(window, dtype=np.float64) - i
-        c_edge = np.linalg.pinv(np.vander(k, p + 1, increasing=True))[1]
-        vx[i], vy[i] = c_edge @ x[:window] / dt, c_edge @ y[:window] / dt
-        vx[n - 1 - i] = -(c_edge @ x[n - window:][::-1]) / dt
-        vy[n - 1 - i] = -(c_edge @ y[n - window:][::-1]) / dt
+    order = min(polyorder, window - 1)
+    # mode="interp": the edge samples take the derivative of the polynomial fitted to the first /
+    # last window, not of a zero-padded one
+    vx = savgol_filter(x, window, order, deriv=1, delta=dt, mode="interp")
+    vy = savgol_filter(y, window, order, deriv=1, delta=dt, mode="interp")
     speed = np.hypot(vx, vy)
+    m = window // 2
     gaps = np.flatnonzero(np.diff(t) > 2 * dt)
     for g in gaps:  # invalidate the filter footprint around each dropout
         speed[max(0, g - m + 1): g + m + 1] = np.nan
@@ -235,11 +224,11 @@ def detect_fixations_adaptive(
 
 def _pymovements():
     try:
-        import pymovements as pm  # type: ignore
+        import pymovements as pm  # noqa: PLC0415 (optional: the gaze extra)
     except ImportError as e:
         raise ImportError(
             "detect_fixations_pymovements needs pymovements: pip install 'egma-fast[gaze]' "
-            "(or use detect_fixations_adaptive, which needs only numpy)"
+            "(or use detect_fixations_adaptive, which needs only scipy)"
         ) from e
     return pm
 

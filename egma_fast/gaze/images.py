@@ -32,7 +32,7 @@ def resolve_image_path(path: str | os.PathLike, image_root: str | os.PathLike | 
 
 def _pydicom():
     try:
-        import pydicom  # type: ignore
+        import pydicom  # noqa: PLC0415 (optional: only DICOM images need it)
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
             "reading DICOM images needs pydicom (pip install pydicom), or point image_root at "
@@ -47,7 +47,7 @@ def image_size_from_file(path: str | os.PathLike) -> tuple[int, int]:
     if path.suffix.lower() == ".dcm":
         ds = _pydicom().dcmread(str(path), stop_before_pixels=True)
         return int(ds.Rows), int(ds.Columns)
-    from PIL import Image
+    from PIL import Image  # noqa: PLC0415 (pillow is the train extra: imported where an image is coded)
 
     with Image.open(path) as im:
         w, h = im.size
@@ -64,7 +64,7 @@ def load_grey_image(path: str | os.PathLike) -> np.ndarray:
         if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
             a = 1.0 - a
         return np.round(a * 255).astype(np.uint8)
-    from PIL import Image
+    from PIL import Image  # noqa: PLC0415 (pillow is the train extra: imported where an image is coded)
 
     with Image.open(path) as im:
         if im.mode in ("I;16", "I;16B", "I", "F"):

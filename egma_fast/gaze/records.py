@@ -156,20 +156,6 @@ class ReadReport:
         else:
             logger.info("%s: %s", source, self.summary())
 
-    def total_skipped(self, prefix: str = "") -> int:
-        """Number of skipped items whose reason starts with ``prefix``."""
-        return sum(v for k, v in self.skipped.items() if k.startswith(prefix))
-
-    def merge(self, other: "ReadReport") -> "ReadReport":
-        self.readings += other.readings
-        self.fixations += other.fixations
-        self.no_gaze += other.no_gaze
-        self.skipped.update(other.skipped)
-        for k, v in other.examples.items():
-            ex = self.examples.setdefault(k, [])
-            ex.extend(v[: max(0, self.max_examples - len(ex))])
-        return self
-
     def summary(self) -> str:
         parts = [f"{self.readings} readings ({self.no_gaze} without gaze), {self.fixations} fixations kept"]
         parts += [f"{k}: {v}" for k, v in sorted(self.skipped.items())]

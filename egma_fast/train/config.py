@@ -10,7 +10,9 @@ A config file mirrors the sections below (every key optional except ``data.train
     optim: {lr: 1.0e-3, warmup_steps: 20, max_steps: 300}
 
 Unknown keys are errors that name the key path (``optim.lrr``). :func:`apply_overrides` applies
-``section.key=value`` strings (the CLI's ``--set``), values parsed as YAML/JSON scalars.
+``section.key=value`` strings (the CLI's ``--set``), values parsed as YAML/JSON scalars. Every
+value is converted to its field's declared type (:mod:`egma_fast.train.config_types`), or the
+error names the key and the type it expects.
 """
 from __future__ import annotations
 
@@ -21,8 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import yaml
+
 from egma_fast.config import EGMAConfig
+from egma_fast.data.options import LoaderOptions
 from egma_fast.models.config import ModelConfig
+from egma_fast.train.config_types import ConfigError, coerce_fields
 
 __all__ = [
     "CheckpointConfig",
@@ -37,10 +43,6 @@ __all__ = [
     "apply_overrides",
     "load_config",
 ]
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key path."""
 
 
 @dataclass
@@ -71,7 +73,8 @@ class DataConfig:
     #: Use the gaze heatmaps. False marks every sample gaze-free (has_gaze all False), the
     #: "no-gaze" baseline: together with loss.lambda_mlce = 0 it removes every gaze term.
     use_gaze: bool = True
-    #: Extra keyword arguments passed to egma_fast.data's make_loader (reader-specific options).
+    #: More reader options (fields of egma_fast.data.LoaderOptions, e.g. {channels: 1,
+    #: prefetch_factor: 4}), set on top of what the fields above give.
     loader_kwargs: dict = field(default_factory=dict)
 
 
@@ -89,8 +92,9 @@ class LossConfig:
 
     def egma_config(self) -> EGMAConfig:
         """The resolved EGMAConfig (raises ConfigError naming loss.overrides on a bad field)."""
+        overrides = coerce_fields(EGMAConfig, self.overrides, "loss.overrides.")
         try:
-            return EGMAConfig.preset(self.preset, **self.overrides)
+            return EGMAConfig.preset(self.preset, **overrides)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"loss: {exc}") from exc
 
@@ -102,7 +106,7 @@ class OptimConfig:
     lr: float = 1e-4
     #: Decoupled weight decay; never applied to biases, norms, embeddings' 1-d params or the logit scale.
     weight_decay: float = 0.05
-    betas: tuple = (0.9, 0.98)
+    betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     #: Optimizer steps of linear warm-up from 0 to lr.
     warmup_steps: int = 100
@@ -154,7 +158,7 @@ class EvalConfig:
     #: Prompt reduction per class: "max" (official) or "mean" (prompt ensembling).
     reduction: str = "mean"
     #: Retrieval P@K values (image -> report text and report text -> image on the eval set).
-    retrieval_ks: tuple = (1, 5, 10)
+    retrieval_ks: tuple[int, ...] = (1, 5, 10)
     #: Run retrieval as well as zero-shot classification.
     retrieval: bool = True
 
@@ -168,6 +172,8 @@ class LogConfig:
     jsonl: bool = True
     tensorboard: bool = True
     progress_bar: bool = True
+    #: Name of this run on its progress bars (None: the run folder's name).
+    label: str | None = None
 
 
 @dataclass
@@ -228,6 +234,10 @@ class TrainConfig:
             positive("data.epoch_batches", self.data.epoch_batches)
         positive("data.num_workers", self.data.num_workers, allow_zero=True)
         positive("data.shuffle_buffer", self.data.shuffle_buffer, allow_zero=True)
+        unknown = sorted(set(self.data.loader_kwargs) - {f.name for f in dataclasses.fields(LoaderOptions)})
+        if unknown:
+            raise ConfigError(f"unknown data.loader_kwargs key(s) {unknown}; known: "
+                              f"{sorted(f.name for f in dataclasses.fields(LoaderOptions))}")
         if self.data.max_tokens < 2:
             raise ConfigError(f"data.max_tokens must be >= 2 (room for [CLS] and [SEP]), got {self.data.max_tokens!r}")
         positive("optim.max_steps", self.optim.max_steps)
@@ -304,10 +314,10 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{prefix}{name} must be a mapping, got {type(value).__name__}")
             kwargs[name] = _build(sub, value, f"{prefix}{name}.")
-        elif isinstance(value, list) and name in _TUPLE_FIELDS:
-            kwargs[name] = tuple(value)
         else:
             kwargs[name] = value
+    kwargs = coerce_fields(cls, {k: v for k, v in kwargs.items() if (cls, k) not in _SECTIONS}, prefix) | {
+        k: v for k, v in kwargs.items() if (cls, k) in _SECTIONS}
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -326,7 +336,6 @@ _SECTIONS: dict[tuple[type, str], type] = {
     (TrainConfig, "log"): LogConfig,
     (TrainConfig, "dist"): DistConfig,
 }
-_TUPLE_FIELDS = {"betas", "retrieval_ks"}
 
 
 def _parse_text(text: str, suffix: str, source: str) -> Any:
@@ -339,10 +348,6 @@ def _parse_text(text: str, suffix: str, source: str) -> Any:
 
             return tomllib.loads(text)
         if suffix in (".yaml", ".yml"):
-            try:
-                import yaml  # noqa: PLC0415
-            except ImportError as exc:  # pragma: no cover - depends on the environment
-                raise ConfigError(f"{source}: reading YAML needs PyYAML (pip install pyyaml), or use .json / .toml") from exc
             return yaml.safe_load(text) or {}
     except ConfigError:
         raise
@@ -368,14 +373,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 def _parse_value(text: str) -> Any:
     try:
-        import yaml  # noqa: PLC0415
-
         return yaml.safe_load(text)
-    except ImportError:  # pragma: no cover - PyYAML is present in our environments
-        try:
-            return json.loads(text)
-        except ValueError:
-            return text
+    except yaml.YAMLError:  # e.g. "a: b: c": keep the text; the field's type decides
+        return text
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

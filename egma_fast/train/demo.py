@@ -10,21 +10,29 @@ Steps (all in ``out/``):
 3. ``runs/no_gaze``: the same run without gaze: lambda_mlce = 0 and every sample marked
    gaze-free (has_gaze all False), so EGM uses no gaze prior. Same data, same initial model.
 4. ``attention/case_*.png``: for a few evaluation images, the radiologist's gaze heatmap of a
-   finding sentence next to the patch-sentence similarity maps of both models.
+   finding sentence next to the patch-sentence similarity maps of both models, on one colour
+   scale (:mod:`egma_fast.eval.attention_figure`).
 5. ``report.md`` and ``report.json`` with every number, and a short printed summary.
+
+Each step says what it does on stderr, and every data-writing, training and evaluation pass has
+its own labelled progress bar. A demo run into a folder that holds an earlier demo replaces it.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from tqdm.auto import tqdm
 
+from egma_fast.data.synthetic import SYNTHETIC_CLASS_PROMPTS, write_synthetic_shards
+from egma_fast.eval.attention_figure import save_attention_figure
+from egma_fast.eval.attention_map import model_attention_map
 from egma_fast.train.config import TrainConfig
+from egma_fast.train.demo_settings import DemoSettings
 
 __all__ = ["DemoSettings", "demo_config", "run_demo"]
 
@@ -44,8 +52,6 @@ def report_prompts() -> dict[str, list[str]]:
     reports, in which "pneumothorax" appears far more often in "No pneumothorax." than in a
     finding, so single-sentence prompts are a much noisier probe of the same model.
     """
-    from egma_fast.data.synthetic import SYNTHETIC_CLASS_PROMPTS  # noqa: PLC0415
-
     out = {}
     for name, prompts in SYNTHETIC_CLASS_PROMPTS.items():
         if name == "no_finding":
@@ -56,6 +62,9 @@ def report_prompts() -> dict[str, list[str]]:
     return out
 
 
+#: Progress-bar names of the two runs.
+RUN_LABELS = {True: "EGMA", False: "no gaze"}
+
 #: Words that identify the sentence describing each synthetic class (for the attention maps).
 _CLASS_WORDS = {
     "cardiomegaly": ("heart", "cardiac", "cardiomegaly"),
@@ -63,43 +72,6 @@ _CLASS_WORDS = {
     "opacity": ("opacity", "consolidation"),
     "pneumothorax": ("pneumothorax",),
 }
-
-
-@dataclass(frozen=True)
-class DemoSettings:
-    """Knobs of the demo; the defaults finish in a few minutes on a 2-core CPU."""
-
-    #: Synthetic training / evaluation cases.
-    train_samples: int = 6000
-    eval_samples: int = 500
-    #: Image side (px) and the towers: tiny random Swin + tiny random BERT by default.
-    image_size: int = 64
-    text_model: str = "tiny-bert"
-    embed_dim: int = 64
-    tiny_width: int = 64
-    tiny_layers: int = 2
-    #: Optimisation of each run.
-    steps: int = 600
-    batch_size: int = 32
-    lr: float = 2e-3
-    #: Global CLIP term weight (trains z^I / z^T, which zero-shot classification uses).
-    lambda_clip: float = 1.0
-    seed: int = 0
-    #: Also train the no-gaze baseline.
-    baseline: bool = True
-    #: Attention-map pictures to draw.
-    attention_maps: int = 4
-    samples_per_shard: int = 500
-    #: Data-loading worker processes (the training process itself computes on one thread).
-    num_workers: int = 1
-
-    @classmethod
-    def quick(cls) -> "DemoSettings":
-        """A smaller setting for the test suite (same code path, fewer cases and steps)."""
-        return cls(train_samples=2400, eval_samples=200, steps=400, attention_maps=2, samples_per_shard=300)
-
-    def replace(self, **changes: Any) -> "DemoSettings":
-        return dataclasses.replace(self, **changes)
 
 
 def demo_config(settings: DemoSettings, data_dir: Path, run_dir: Path, gaze: bool) -> TrainConfig:
@@ -128,17 +100,20 @@ def demo_config(settings: DemoSettings, data_dir: Path, run_dir: Path, gaze: boo
         "checkpoint": {"every": 0, "at_end": True, "keep_last": 1},
         "eval": {"at_start": gaze, "at_end": True, "every": 0, "prompts": report_prompts(),
                  "extra_prompts": {"sentence": "synthetic"}, "fine_prompts": "synthetic", "reduction": "mean"},
-        "log": {"every": 10, "progress_bar": True},
+        "log": {"every": 10, "progress_bar": True, "label": RUN_LABELS[gaze]},
         # One compute thread plus one data worker: both cores busy, no OpenMP spin-wait collapse.
         "dist": {"device": "cpu", "num_threads": 1},
     })
 
 
-def _write_data(settings: DemoSettings, data_dir: Path) -> dict[str, Any]:
-    from egma_fast.data.synthetic import write_synthetic_shards  # noqa: PLC0415
+def _say(message: str) -> None:
+    """One line on stderr between the progress bars."""
+    tqdm.write(f"egma-fast demo: {message}", file=sys.stderr)
 
+
+def _write_data(settings: DemoSettings, data_dir: Path) -> dict[str, Any]:
     common = dict(seed=settings.seed, image_size=settings.image_size, samples_per_shard=settings.samples_per_shard,
-                  heatmap_max_side=32, progress=False)
+                  heatmap_max_side=32, progress=True)
     train = write_synthetic_shards(data_dir / "train", settings.train_samples, **common)
     ev = write_synthetic_shards(data_dir / "eval", settings.eval_samples, start=10_000_000,
                                 second_finding_prob=0.0, **common)
@@ -156,19 +131,8 @@ def _finding_sentence(sentences: list[str], class_name: str) -> int | None:
     return None
 
 
-def _overlay(rgb: np.ndarray, heat: np.ndarray, opacity: float = 0.5) -> np.ndarray:
-    from egma_fast.eval.attention_map import jet_colormap  # noqa: PLC0415
-
-    out = (1.0 - opacity) * rgb.astype(np.float32) + opacity * jet_colormap(heat).astype(np.float32)
-    return np.clip(out.round(), 0, 255).astype(np.uint8)
-
-
 def _attention_pictures(trainers: dict[str, Any], out_dir: Path, count: int, classes: list[str]) -> list[dict[str, Any]]:
-    """Panels: image | gaze heatmap of the finding sentence | each model's attention map."""
-    from PIL import Image, ImageDraw, ImageFont  # noqa: PLC0415
-
-    from egma_fast.eval.attention_map import model_attention_map, to_rgb_uint8, upsample_heatmap  # noqa: PLC0415
-
+    """For ``count`` evaluation images with gaze on a finding sentence: image | gaze | each model's map."""
     first = next(iter(trainers.values()))
     picked = []
     for batch in first.eval_batches():
@@ -184,30 +148,11 @@ def _attention_pictures(trainers: dict[str, Any], out_dir: Path, count: int, cla
                 break
         if len(picked) >= count:
             break
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scale = 3
-    try:
-        font = ImageFont.load_default(size=13)  # Pillow >= 10.1: a scalable font with real spaces
-    except TypeError:  # pragma: no cover - older Pillow
-        font = ImageFont.load_default()
     records = []
     for k, (image, sentence, heatmap, cls, key) in enumerate(picked):
-        rgb = to_rgb_uint8(image)
-        size = rgb.shape[:2]
-        tiles = [("image", rgb), ("radiologist gaze", _overlay(rgb, upsample_heatmap(heatmap, size)))]
-        for name, trainer in trainers.items():
-            amap = model_attention_map(trainer.model, trainer.tokenizer, image, sentence)
-            tiles.append((name, amap.overlay))
-        h, w = size[0] * scale, size[1] * scale
-        top = 36
-        panel = Image.new("RGB", (w * len(tiles), h + top), "white")
-        draw = ImageDraw.Draw(panel)
-        for t, (label, arr) in enumerate(tiles):
-            panel.paste(Image.fromarray(arr).resize((w, h), Image.Resampling.NEAREST), (t * w, top))
-            draw.text((t * w + 4, 2), label, fill="black", font=font)
-        draw.text((4, 18), f'"{sentence}"'[:100], fill="black", font=font)
-        path = out_dir / f"case_{k}.png"
-        panel.save(path)
+        similarities = {name: model_attention_map(t.model, t.tokenizer, image, sentence).similarity
+                        for name, t in trainers.items()}
+        path = save_attention_figure(out_dir / f"case_{k}.png", image, heatmap, similarities, sentence, title=cls)
         records.append({"path": str(path), "key": key, "class": cls, "sentence": sentence})
     return records
 
@@ -267,7 +212,8 @@ def _markdown(report: dict[str, Any]) -> str:
     if report.get("attention_maps"):
         lines += ["", "## Attention maps", "",
                   "Each picture: the image, the radiologist's (simulated) gaze heatmap for one finding sentence, "
-                  "and the patch-sentence similarity of each trained model for the same sentence.", ""]
+                  "and the patch-sentence cosine similarity of each trained model for the same sentence, on one "
+                  "colour scale shared by the models (see the colour bars). The patient's left is on the image's right.", ""]
         for a in report["attention_maps"]:
             rel = Path(a["path"]).relative_to(Path(report["out"]))
             lines += [f"**{a['class']}**: \"{a['sentence']}\"", "", f"![{a['class']}]({rel.as_posix()})", ""]
@@ -290,38 +236,45 @@ def _summary(report: dict[str, Any]) -> str:
 
 
 def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict[str, Any]:
-    """Run the whole demo into ``out``; returns the report dict (also written as report.json)."""
-    from egma_fast.train.trainer import Trainer  # noqa: PLC0415
+    """Run the whole demo into ``out`` (an earlier demo there is replaced); returns the report
+    dict (also written as report.json). Says each step on stderr."""
+    from egma_fast.train.trainer import Trainer  # noqa: PLC0415 (the trainer imports DCP: only when a demo runs)
 
     settings = settings or DemoSettings()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     data_dir = out / "data"
+    runs = 2 if settings.baseline else 1
+    total = 3 + runs
+    _say(f"[1/{total}] writing {settings.train_samples} training and {settings.eval_samples} evaluation cases "
+         f"({settings.image_size} px) to {data_dir}")
     t0 = time.perf_counter()
     data = _write_data(settings, data_dir)
     data["seconds"] = time.perf_counter() - t0
     report: dict[str, Any] = {"out": str(out), "settings": dataclasses.asdict(settings), "data": data}
 
     trainers: dict[str, Trainer] = {}
-    egma = Trainer(demo_config(settings, data_dir, out / "runs" / "egma", gaze=True))
-    summary = egma.fit()
-    report["before"] = egma.eval_history[0]
-    report["egma"] = {"eval": egma.eval_history[-1], "train_seconds": summary["train_seconds"],
-                      "last_train": summary["last_train"]}
-    trainers["EGMA"] = egma
-    if settings.baseline:
-        base = Trainer(demo_config(settings, data_dir, out / "runs" / "no_gaze", gaze=False))
-        summary = base.fit()
-        report["no_gaze"] = {"eval": base.eval_history[-1], "train_seconds": summary["train_seconds"],
-                             "last_train": summary["last_train"]}
-        trainers["no gaze"] = base
+    for n, gaze in enumerate([True, False][:runs], start=2):
+        label = RUN_LABELS[gaze]
+        _say(f"[{n}/{total}] training {label}: {settings.steps} steps of {settings.batch_size} samples"
+             + (", evaluated before and after" if gaze else ", evaluated after"))
+        trainer = Trainer(demo_config(settings, data_dir, out / "runs" / ("egma" if gaze else "no_gaze"), gaze=gaze),
+                          overwrite=True)
+        summary = trainer.fit()
+        if gaze:
+            report["before"] = trainer.eval_history[0]
+        report["egma" if gaze else "no_gaze"] = {"eval": trainer.eval_history[-1], "train_seconds": summary["train_seconds"],
+                                                 "last_train": summary["last_train"]}
+        trainers[label] = trainer
+    _say(f"[{total - 1}/{total}] drawing {settings.attention_maps} attention map(s) to {out / 'attention'}")
     report["attention_maps"] = (
         _attention_pictures(trainers, out / "attention", settings.attention_maps, data["classes"])
         if settings.attention_maps > 0 else []
     )
     for trainer in trainers.values():
         trainer.close()
+    _say(f"[{total}/{total}] writing {out / 'report.md'} and report.json")
     report["wall_seconds"] = time.perf_counter() - start
     report["summary"] = _summary(report)
     (out / "report.json").write_text(json.dumps(report, indent=1, default=float))

@@ -23,7 +23,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
+from egma_fast.models import register_fsdp_forward_methods
 from egma_fast.train.config import DistConfig
 
 __all__ = [
@@ -147,10 +150,6 @@ def wrap_fsdp(model: nn.Module, config: DistConfig, device: torch.device) -> nn.
     The model must provide ``transformer_blocks()`` (EGMAModel does). Its ``encode_*`` methods
     are registered as FSDP forward methods, so evaluation can call them (on every rank).
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: PLC0415
-
-    from egma_fast.models import register_fsdp_forward_methods  # noqa: PLC0415
-
     pdtype = param_dtype(config, device)
     rdtype = torch.bfloat16 if (pdtype == torch.bfloat16 and config.reduce_dtype == "bf16") else torch.float32
     policy = MixedPrecisionPolicy(param_dtype=pdtype, reduce_dtype=rdtype, output_dtype=None, cast_forward_inputs=True)
@@ -190,10 +189,6 @@ def all_reduce_replicated_grads(params: list[nn.Parameter], world_size: int) -> 
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor  # noqa: PLC0415
-    except ImportError:  # pragma: no cover
-        return False
     return isinstance(t, DTensor)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,9 +30,41 @@ import torch.nn.functional as F
 from torch import nn
 
 from egma_fast import reference
-from egma_fast.eval import encode_texts, gather_across_ranks, macro_auroc, retrieval_precision_at_k, zero_shot_from_embeddings
+from egma_fast.eval import (
+    PromptSets,
+    encode_texts,
+    gather_across_ranks,
+    macro_auroc,
+    retrieval_precision_at_k,
+    zero_shot_from_embeddings,
+)
+from egma_fast.train.distributed import DistInfo
 
-__all__ = ["evaluate_model"]
+__all__ = ["EvalSettings", "evaluate_model"]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How :func:`evaluate_model` scores a model (everything but the data and the prompts)."""
+
+    #: Prompt reduction per class: "max" (official) or "mean" (prompt ensembling).
+    reduction: str = "mean"
+    #: Retrieval P@K values (those above the number of classified samples are left out).
+    ks: tuple[int, ...] = (1, 5, 10)
+    #: Run retrieval as well as zero-shot classification.
+    retrieval: bool = True
+    #: How gaze heatmaps pool onto the patch grid for gaze pointing (EGMAConfig.gaze_pool).
+    gaze_pool: str = "area_max"
+    #: Token limits: sentences (fine-grained prompts) / prompts of global zero-shot (which may be
+    #: several sentences long).
+    max_length: int = 32
+    prompt_max_length: int = 128
+    #: Stop after this many samples (whole batches, so it may read slightly more); None: all.
+    max_samples: int | None = None
+    #: alpha, the temperature of the softmax over classes behind zs_auroc.
+    logit_scale: float = 1.0
+    #: Autocast dtype of the forward passes (None: none).
+    autocast_dtype: torch.dtype | None = None
 
 
 def _rounds(n_batches: int, world: int) -> int:
@@ -43,36 +76,20 @@ def evaluate_model(
     model: nn.Module,
     tokenizer: Any,
     batches: Iterable[Any],
-    class_prompts: Mapping[str, Sequence[str]],
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    device: torch.device | str = "cpu",
-    reduction: str = "mean",
-    ks: Sequence[int] = (1, 5, 10),
-    retrieval: bool = True,
-    gaze_pool: str = "area_max",
-    max_length: int = 32,
-    max_samples: int | None = None,
-    autocast_dtype: torch.dtype | None = None,
-    logit_scale: float = 1.0,
-    extra_prompts: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
-    fine_prompts: Mapping[str, Sequence[str]] | None = None,
-    prompt_max_length: int = 128,
+    prompts: PromptSets | Mapping[str, Sequence[str]],
+    settings: EvalSettings = EvalSettings(),
+    info: DistInfo | None = None,
 ) -> dict[str, float]:
     """Evaluate ``model`` (an EGMAModel, plain or FSDP2-wrapped) on ``batches``; call on every rank.
 
     Args:
         batches: the full evaluation set as :class:`egma_fast.data.collate.Batch` objects, the
             same sequence on every rank.
-        class_prompts: class name -> prompts; class index c of a sample is the c-th name.
-        max_samples: stop after this many samples (whole batches, so it may read slightly more).
-        logit_scale: alpha, the temperature of the softmax over classes behind zs_auroc.
-        extra_prompts: more prompt sets (same classes, same order), name -> prompts; each adds
-            zs_<name>_accuracy, zs_<name>_macro_f1 and zs_<name>_auroc.
-        fine_prompts: one-sentence prompts for the fine-grained score (default: class_prompts).
-        max_length / prompt_max_length: token limits of sentences (fine-grained prompts) and of
-            the prompts of global zero-shot (which may be several sentences long).
+        prompts: the prompt sets (a plain class -> prompts mapping is the main set alone); class
+            index c of a sample is the c-th class name. Extra sets add zs_<name>_accuracy,
+            zs_<name>_macro_f1 and zs_<name>_auroc.
+        settings: how to score (:class:`EvalSettings`).
+        info: where this rank runs (default: one process on the CPU).
     Returns:
         flat dict of floats: zs_accuracy, zs_macro_f1, zs_auroc (one-vs-rest AUROC of the
         softmax over classes of alpha * scores, as CLIP-style evaluations report it; the raw
@@ -80,35 +97,40 @@ def evaluate_model(
         per-class ranking), zs_auroc_raw (of the raw scores), zs_fine_accuracy,
         i2t_p@K / t2i_p@K, gaze_pointing, gaze_pointing_chance, n_samples, n_classified.
     """
-    device = torch.device(device)
-    names = list(class_prompts)
+    if not isinstance(prompts, PromptSets):
+        prompts = PromptSets(classes={str(k): list(v) for k, v in prompts.items()})
+    rank, world_size = (info.rank, info.world_size) if info is not None else (0, 1)
+    device = info.device if info is not None else torch.device("cpu")
+    names = list(prompts.classes)
     if not names:
-        raise ValueError("class_prompts must name at least one class")
-    sets = {"": class_prompts, **dict(extra_prompts or {})}
-    fine_prompts = fine_prompts if fine_prompts is not None else class_prompts
-    for label, prompts in {**sets, "fine": fine_prompts}.items():
-        if list(prompts) != names:
-            raise ValueError(f"prompt set {label!r} must list the classes {names} in that order, got {list(prompts)}")
+        raise ValueError("prompts must name at least one class")
+    sets = prompts.all_sets()
+    fine_prompts = prompts.fine_or_classes()
+    for label, class_prompts in {**sets, "fine": fine_prompts}.items():
+        if list(class_prompts) != names:
+            raise ValueError(f"prompt set {label!r} must list the classes {names} in that order, got {list(class_prompts)}")
+    reduction = settings.reduction
     was_training = model.training
     model.eval()
-    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    amp = (torch.autocast(device.type, dtype=settings.autocast_dtype) if settings.autocast_dtype is not None
+           else contextlib.nullcontext())
     try:
         with amp:
             prompt_global = {
                 label: list(torch.split(
-                    encode_texts(model, tokenizer, [p for n in names for p in prompts[n]], device=device,
-                                 max_length=prompt_max_length),
-                    [len(prompts[n]) for n in names]))
-                for label, prompts in sets.items()
+                    encode_texts(model, tokenizer, [p for n in names for p in class_prompts[n]], device=device,
+                                 max_length=settings.prompt_max_length),
+                    [len(class_prompts[n]) for n in names]))
+                for label, class_prompts in sets.items()
             }
             sizes = [len(fine_prompts[n]) for n in names]
             prompt_sent = encode_texts(model, tokenizer, [p for n in names for p in fine_prompts[n]], device=device,
-                                       max_length=max_length, sentence_features=True)
+                                       max_length=settings.max_length, sentence_features=True)
         own: list[Any] = []
         all_batches = []
         seen = 0
         for i, batch in enumerate(batches):
-            if max_samples is not None and seen >= max_samples:
+            if settings.max_samples is not None and seen >= settings.max_samples:
                 break
             seen += len(batch)
             all_batches.append(i)
@@ -139,7 +161,8 @@ def evaluate_model(
             sims = F.normalize(P, dim=-1).mean(1) @ prompt_sent.to(device).T  # [B, prompts]
             per_class = torch.stack([s.mean(1) if reduction == "mean" else s.amax(1) for s in sims.split(sizes, dim=1)], 1)
             fine.append(per_class)
-            hit, chance = _pointing(P, out.sentence_features.float(), batch.sentence_mask, batch.heatmaps, batch.has_gaze, gaze_pool)
+            hit, chance = _pointing(P, out.sentence_features.float(), batch.sentence_mask, batch.heatmaps, batch.has_gaze,
+                                    settings.gaze_pool)
             if is_pad:
                 hit, chance = hit[:0], chance[:0]
             point_hit.append(hit)
@@ -160,15 +183,15 @@ def evaluate_model(
     if int(valid.sum()) > 0:
         for label, per_class in prompt_global.items():
             res = zero_shot_from_embeddings(zi_all[valid], y_all[valid], per_class, reduction=reduction, class_names=names)
-            probs = torch.softmax(logit_scale * res.scores, dim=1)
+            probs = torch.softmax(settings.logit_scale * res.scores, dim=1)
             key = f"zs_{label}_" if label else "zs_"
             out.update({f"{key}accuracy": res.accuracy, f"{key}macro_f1": res.macro_f1, f"{key}auroc": macro_auroc(probs, res.labels)})
             if not label:
                 out["zs_auroc_raw"] = res.auroc
         out["zs_fine_accuracy"] = float((fine_all[valid].argmax(1) == y_all[valid]).float().mean())
-        if retrieval:
+        if settings.retrieval:
             n = int(valid.sum())
-            usable = [k for k in ks if k <= n]
+            usable = [k for k in settings.ks if k <= n]
             if usable:
                 out.update(retrieval_precision_at_k(zi_all[valid], zt_all[valid], y_all[valid], y_all[valid], ks=usable))
     hits = hits[hits >= 0]

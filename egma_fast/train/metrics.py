@@ -5,13 +5,16 @@ import contextlib
 import json
 import math
 import os
+import resource
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
+import torch.distributed as dist
 
-__all__ = ["MetricsLogger", "Timer", "nvtx_range", "peak_memory_bytes", "reset_peak_memory"]
+__all__ = ["MetricsLogger", "Timer", "nvtx_range", "peak_memory_bytes", "reset_peak_memory", "sum_over_ranks",
+           "truncate_metrics"]
 
 
 @contextlib.contextmanager
@@ -62,13 +65,40 @@ def peak_memory_bytes(device: torch.device) -> int:
     """Peak allocated bytes since the last reset on CUDA; peak resident set size of the process on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    try:
-        import resource  # noqa: PLC0415 (POSIX only)
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(kb) * 1024  # Linux reports KiB
-    except (ImportError, OSError):  # pragma: no cover - non-POSIX
+
+def sum_over_ranks(values: Mapping[str, float | torch.Tensor], device: torch.device, world_size: int) -> dict[str, float]:
+    """Named scalars summed over every rank with one all-reduce (this rank's values when alone)."""
+    names = list(values)
+    vec = torch.stack([torch.as_tensor(values[n], dtype=torch.float64).reshape(()).to(device) for n in names])
+    if world_size > 1:
+        dist.all_reduce(vec)
+    return dict(zip(names, vec.tolist()))
+
+
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Keep the records of ``path`` (metrics.jsonl) up to ``last_step``, rewritten atomically:
+    a resumed run then continues one clean series instead of repeating the steps between its
+    checkpoint and the kill. A torn last line (killed mid-write) goes too. Returns the number of
+    records dropped."""
+    if not path.is_file():
         return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            keep = int(record["step"]) <= last_step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return dropped
 
 
 def _clean(value: Any) -> Any:
@@ -84,9 +114,14 @@ class MetricsLogger:
 
     Each record is ``{"step": s, "split": "train"|"eval"|..., "time": t, **metrics}``; TensorBoard
     tags are ``split/name``. Other ranks get a logger that writes nothing.
+
+    ``resume_step``: the run continues from a checkpoint of this step; records after it (written
+    by the killed run after its checkpoint) are dropped from metrics.jsonl and purged from
+    TensorBoard, so the resumed run's metrics are one series.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, *, enabled: bool = True, jsonl: bool = True, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: str | os.PathLike, *, enabled: bool = True, jsonl: bool = True, tensorboard: bool = True,
+                 resume_step: int | None = None) -> None:
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self._jsonl = None
@@ -95,13 +130,16 @@ class MetricsLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if jsonl:
+            if resume_step is not None:
+                truncate_metrics(self.run_dir / "metrics.jsonl", resume_step)
             self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (optional: the tensorboard package)
             except ImportError as exc:  # pragma: no cover - tensorboard is a train extra
                 raise ImportError("log.tensorboard=true needs the tensorboard package (pip install tensorboard), or set log.tensorboard=false") from exc
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+            purge = None if resume_step is None else resume_step + 1  # events at steps >= purge are hidden
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge)
 
     def log(self, step: int, metrics: dict[str, Any], split: str = "train") -> None:
         """Record ``metrics`` (numbers; strings/lists go to JSONL only) at ``step``."""
