@@ -5,7 +5,7 @@ Modules: ``records`` (GazeReading, Word, ReadReport), ``egd_cxr`` and ``reflacx`
 readers), ``fixations`` (adaptive velocity-threshold detection; pymovements cross-check),
 ``simulate`` (raw samples from fixations), ``sentences`` (transcript -> sentences),
 ``heatmaps`` (word / sentence heatmaps), ``images`` (image lookup and loading).
-Pooling heatmaps onto the patch grid (GS, SPEC 2.3) is ``egma_fast.reference.pool_gaze``.
+Pooling heatmaps onto the patch grid (GS, SPEC 2.3) is ``egma_fast.loss_terms.pool_gaze``.
 """
 from egma_fast.gaze.egd_cxr import read_egd_cxr, screen_to_image
 from egma_fast.gaze.fixations import (

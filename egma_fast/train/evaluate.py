@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from egma_fast import reference
+from egma_fast import loss_terms
 from egma_fast.eval import (
     PromptSets,
     encode_texts,
@@ -220,7 +220,7 @@ def _pointing(
     if not bool(has_gaze.any()):
         return P.new_zeros(0), P.new_zeros(0)
     n = P.shape[1]
-    GS = reference.pool_gaze(heatmaps.to(P.device).float(), n, gaze_pool)  # [B, M, n]
+    GS = loss_terms.pool_gaze(heatmaps.to(P.device).float(), n, gaze_pool)  # [B, M, n]
     peak = GS.amax(-1, keepdim=True)
     region = (GS >= 0.5 * peak) & (peak > 0)
     sim = torch.einsum("bnd,bmd->bmn", P, S)  # [B, M, n]

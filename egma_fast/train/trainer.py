@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from egma_fast import reference
+from egma_fast import loss_terms
 from egma_fast.data.errors import DataError
 from egma_fast.data.options import LoaderOptions
 from egma_fast.data.reader import GazeLoader, make_loader
@@ -400,7 +400,7 @@ class Trainer:
         """alpha (0-d, on the device) by the loss's own function: t clamped as the loss clamps it
         (with logit_scale_clamp="inplace" that clamps the stored parameter, as the authors do)."""
         with torch.no_grad():
-            return reference.logit_scale_to_alpha(self.loss_fn.logit_scale.detach(), self.egma_config)
+            return loss_terms.logit_scale_to_alpha(self.loss_fn.logit_scale.detach(), self.egma_config)
 
     def alpha(self) -> float:
         """The current logit scale alpha = exp(t), t clamped as the loss clamps it."""
