@@ -83,6 +83,13 @@ class EGMAConfig:
     #: (the authors' code).
     logit_scale_clamp: LogitScaleClamp = "clamp"
 
+    # --- memory -------------------------------------------------------------------------------
+    #: Late interaction (fused backends) keeps B x B x (n + M) winner indices for its backward (1
+    #: byte each for n, M < 256: 68 MB at B = 1024, n = 49), so the backward is two GEMMs. True keeps
+    #: B x B x M and recomputes the image-side winners in the backward instead (slower). Values
+    #: and gradients are the same either way.
+    low_memory: bool = False
+
     # --- input checking -------------------------------------------------------------------------
     #: Check every input and the log logit scale for NaN/Inf (one fused min/max pass per tensor,
     #: asserted on the device: no host sync). The other value checks (mask values, gaze in

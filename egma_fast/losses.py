@@ -185,7 +185,8 @@ def _egma_forward(
         S_all, mask_all = all_gather_with_grad(S_pad), all_gather_no_grad(mask_pad)
     else:
         S_all, mask_all = S, mask
-    zI, zT = ops.late_interaction(P, S_all, mask_all, pad_as_zero=config.pad_as_zero, backend=backend)
+    zI, zT = ops.late_interaction(P, S_all, mask_all, pad_as_zero=config.pad_as_zero, backend=backend,
+                                  low_memory=config.low_memory)
     zI, zT = alpha32 * zI.to(cdtype), alpha32 * zT.to(cdtype)
     image_term = _ce_rows(zI, offset)
     if config.t2i_over_images:
@@ -193,7 +194,8 @@ def _egma_forward(
             P_all = all_gather_with_grad(P)
             # Only zT of this call is used: the text side never sees the zero slots, so the
             # local mask cannot misplace them.
-            _, zT_cols = ops.late_interaction(P_all, S, mask, pad_as_zero=False, backend=backend)
+            _, zT_cols = ops.late_interaction(P_all, S, mask, pad_as_zero=False, backend=backend,
+                                              low_memory=config.low_memory)
             text_term = _ce_rows(alpha32 * zT_cols.to(cdtype).t(), offset)
         else:
             text_term = _ce_rows(zT.t(), 0)

@@ -271,35 +271,6 @@ def test_registered_backend() -> None:
     assert not backend.supports(torch.device("meta"))
 
 
-def test_entry_validation() -> None:
-    P = torch.randn(2, 4, 3, device=DEVICE)
-    S = torch.randn(2, 3, 3, device=DEVICE)
-    mask = torch.ones(2, 3, dtype=torch.bool, device=DEVICE)
-    with pytest.raises(ValueError, match="3-D"):
-        tb.late_interaction(P[0], S, mask)
-    with pytest.raises(ValueError, match="float"):
-        tb.late_interaction(P.long(), S, mask)
-    with pytest.raises(ValueError, match="share d"):
-        tb.late_interaction(P, S[..., :2], mask)
-    with pytest.raises(ValueError, match="sent_mask"):
-        tb.late_interaction(P, S, mask.float())
-    with pytest.raises(ValueError, match="patch_mask"):
-        tb.late_interaction(P, S, mask, torch.ones(2, 5, dtype=torch.bool, device=DEVICE))
-    params = reference.CrossMapParams()
-    GS = torch.zeros(2, 3, 4, device=DEVICE)
-    gaze = torch.zeros(2, dtype=torch.bool, device=DEVICE)
-    theta = torch.zeros(2, device=DEVICE)
-    alpha = torch.tensor(5.0, device=DEVICE)
-    with pytest.raises(ValueError, match="matched pairs"):
-        tb.cross_map(P, S[:1], mask[:1], GS[:1], gaze[:1], theta[:1], alpha, params)
-    with pytest.raises(ValueError, match="GS"):
-        tb.cross_map(P, S, mask, GS[..., :3], gaze, theta, alpha, params)
-    with pytest.raises(ValueError, match="use_gaze"):
-        tb.cross_map(P, S, mask, GS, gaze.float(), theta, alpha, params)
-    with pytest.raises(ValueError, match="omega"):
-        tb.cross_map(P, S, mask, GS, gaze, theta, alpha, dataclasses.replace(params, omega="softmax"))
-
-
 def test_float64_goes_to_reference() -> None:
     case = make_case("f64", 2, 3, 5, 3, 4, dtype=torch.float64, device=DEVICE)
     got = tb.late_interaction(case.P, case.S, case.mask)

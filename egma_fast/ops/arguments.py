@@ -8,6 +8,9 @@
 * :func:`text_zero_slots`: which texts have the authors' zero-scoring slot under ``pad_as_zero``
   (SPEC 2.1), decided on the device (no host sync).
 * :func:`index_dtype`: the integer dtype of the saved winner indices.
+* :func:`late_interaction_inputs` / :func:`cross_map_inputs`: the op boundary (egma_fast.ops):
+  every check, with a ValueError naming the argument, and the canonical forms every backend
+  receives, so that no backend checks or converts on its own.
 * :func:`check_late_interaction_meta` / :func:`check_cross_map_meta`: the ops' shape contracts as
   ``torch._check`` calls, for the fake (meta) implementations of every backend's custom ops.
 """
@@ -24,9 +27,14 @@ __all__ = [
     "CrossMapTerms",
     "check_cross_map_meta",
     "check_late_interaction_meta",
+    "cross_map_inputs",
     "index_dtype",
+    "late_interaction_inputs",
     "text_zero_slots",
 ]
+
+Tensor = torch.Tensor
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,78 @@ def index_dtype(count: int) -> torch.dtype:
     if count <= 32768:
         return torch.int16
     return torch.int32
+
+
+# ----------------------------------------------------------------------------------------------
+# The op boundary: checks and canonical forms
+# ----------------------------------------------------------------------------------------------
+def _describe(x: object) -> str:
+    return f"{x.dtype} tensor of shape {list(x.shape)} on {x.device}" if isinstance(x, Tensor) else type(x).__name__
+
+
+def _check_features(name: str, x: object, layout: str) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 3 or x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be a 3-D float16 / bfloat16 / float32 / float64 tensor {layout}, got {_describe(x)}")
+
+
+def _check_tensor(name: str, x: object, shape: tuple[int, ...], device: torch.device, kind: str) -> None:
+    """kind "bool": a bool tensor; "float": a floating tensor."""
+    ok = isinstance(x, Tensor) and tuple(x.shape) == tuple(shape) and x.device == device and (
+        x.dtype == torch.bool if kind == "bool" else x.dtype.is_floating_point)
+    if not ok:
+        raise ValueError(f"{name} must be a {kind} tensor of shape {list(shape)} on {device}, got {_describe(x)}")
+
+
+def _one_dtype(P: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
+    """P and S in the wider of their dtypes (a differentiable cast)."""
+    dtype = torch.promote_types(P.dtype, S.dtype)
+    return P.to(dtype), S.to(dtype)
+
+
+def late_interaction_inputs(
+    P: Tensor, S: Tensor, sent_mask: Tensor, patch_mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Check late_interaction's arguments and return what every backend may assume: P [Bi, n, d]
+    and S [Bt, M, d] floating, on one device, in one dtype (the wider), sharing d; sent_mask
+    [Bt, M] and patch_mask [Bi, n] (or None: every patch valid) bool on that device."""
+    _check_features("P", P, "[Bi, n, d]")
+    _check_features("S", S, "[Bt, M, d]")
+    if S.device != P.device or S.shape[2] != P.shape[2]:
+        raise ValueError(f"P [Bi, n, d] and S [Bt, M, d] must share d and device, got {_describe(P)} and {_describe(S)}")
+    _check_tensor("sent_mask", sent_mask, (S.shape[0], S.shape[1]), P.device, "bool")
+    if patch_mask is not None:
+        _check_tensor("patch_mask", patch_mask, (P.shape[0], P.shape[1]), P.device, "bool")
+    P, S = _one_dtype(P, S)
+    return P, S, sent_mask, patch_mask
+
+
+def cross_map_inputs(
+    P: Tensor, S: Tensor, sent_mask: Tensor, GS: Tensor, use_gaze: Tensor, theta: Tensor, alpha: Tensor,
+    params: CrossMapParams,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, CrossMapParams]:
+    """Check cross_map's arguments and return what every backend may assume: the matched pairs P
+    [B, n, d] and S [B, M, d] as in :func:`late_interaction_inputs`, sent_mask [B, M] and use_gaze [B]
+    bool, GS [B, M, n] and theta [B] floating and detached (data: SPEC 3.1 gives them no gradient),
+    alpha a one-element floating tensor, and params with k_patches clipped to n."""
+    _check_features("P", P, "[B, n, d]")
+    _check_features("S", S, "[B, M, d]")
+    B, n, d = P.shape
+    if S.device != P.device or S.shape[0] != B or S.shape[2] != d:
+        raise ValueError(f"cross_map works on matched pairs: P [B, n, d] and S [B, M, d] must share B, d and device, "
+                         f"got {_describe(P)} and {_describe(S)}")
+    M = S.shape[1]
+    _check_tensor("sent_mask", sent_mask, (B, M), P.device, "bool")
+    _check_tensor("use_gaze", use_gaze, (B,), P.device, "bool")
+    _check_tensor("GS", GS, (B, M, n), P.device, "float")
+    _check_tensor("theta", theta, (B,), P.device, "float")
+    if not isinstance(alpha, Tensor) or alpha.numel() != 1 or not alpha.dtype.is_floating_point or alpha.device != P.device:
+        raise ValueError(f"alpha must be a one-element floating tensor on {P.device}, got {_describe(alpha)}")
+    if not isinstance(params, CrossMapParams):
+        raise ValueError(f"params must be a CrossMapParams, got {type(params).__name__}")
+    P, S = _one_dtype(P, S)
+    if params.k_patches > n:
+        params = params.replace(k_patches=n)
+    return P, S, sent_mask, GS.detach(), use_gaze, theta.detach(), alpha, params
 
 
 # ----------------------------------------------------------------------------------------------

@@ -233,28 +233,22 @@ torch.library.register_autograd("egma_fast_C::cross_map_fwd", _cross_map_backwar
 # ----------------------------------------------------------------------------------------------
 # The backend functions (signatures of reference.late_interaction and reference.cross_map).
 # ----------------------------------------------------------------------------------------------
-def _same_dtype(P: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if P.dtype == S.dtype:
-        return P, S
-    dtype = torch.promote_types(P.dtype, S.dtype)
-    return P.to(dtype), S.to(dtype)
-
-
 def late_interaction(
     P: torch.Tensor,
     S: torch.Tensor,
     sent_mask: torch.Tensor,
     patch_mask: torch.Tensor | None = None,
     pad_as_zero: bool = False,
+    low_memory: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unscaled pooled late-interaction scores (zI, zT), each [Bi, Bt]; see reference.late_interaction.
 
-    P [Bi, n, d] and S [Bt, M, d] (fp32, bf16, fp16 or fp64), sent_mask [Bt, M], patch_mask [Bi, n]
-    or None. Never materialises the Bi x Bt x n x M similarities; saves the winning patch of every
-    (image, text, sentence) and, up to SAVE_SENTENCE_ARGMAX_MAX_BYTES, the winning sentence of
-    every (image, text, patch) for the backward.
+    P [Bi, n, d] and S [Bt, M, d] (one dtype: fp32, bf16, fp16 or fp64), sent_mask [Bt, M] bool,
+    patch_mask [Bi, n] bool or None, as egma_fast.ops.arguments.late_interaction_inputs returns them.
+    Never materialises the Bi x Bt x n x M similarities; saves the winning patch of every (image,
+    text, sentence) and, up to SAVE_SENTENCE_ARGMAX_MAX_BYTES and unless ``low_memory``, the
+    winning sentence of every (image, text, patch) for the backward.
     """
-    P, S = _same_dtype(P, S)
     Bi, n, _ = P.shape
     Bt = S.shape[0]
     tensor_cores = P.device.type == "cuda" and _HAS_TENSOR_CORE_OPS and cuda_kernels() == "tensor_core"
@@ -262,10 +256,7 @@ def late_interaction(
         limit, forward = TENSOR_CORE_SAVE_SENTENCE_ARGMAX_MAX_BYTES, _ops.late_interaction_tc_fwd
     else:
         limit, forward = SAVE_SENTENCE_ARGMAX_MAX_BYTES.get(P.device.type, 0), _ops.late_interaction_fwd
-    save = Bi * Bt * n * _index_dtype(S.shape[1]).itemsize <= limit
-    if patch_mask is not None:
-        patch_mask = patch_mask.bool()
-    sent_mask = sent_mask.bool()
+    save = not low_memory and Bi * Bt * n * _index_dtype(S.shape[1]).itemsize <= limit
     zero_slot = text_zero_slots(sent_mask, pad_as_zero)
     zI, zT, _, _ = forward(P, S, sent_mask, patch_mask, zero_slot, save)
     return zI, zT
@@ -284,11 +275,10 @@ def cross_map(
     """Per-instance MLCE and EGM terms on the B matched pairs, each [B]; see reference.cross_map.
 
     P [B, n, d], S [B, M, d], sent_mask [B, M] bool, GS [B, M, n], use_gaze [B] bool, theta [B],
-    alpha one element (differentiable). Gradients flow to P, S and alpha (none to GS or theta).
+    alpha one element (differentiable), as egma_fast.ops.arguments.cross_map_inputs returns them.
+    Gradients flow to P, S and alpha (none to GS or theta).
     """
-    P, S = _same_dtype(P, S)
-    terms = _ops.cross_map_fwd(P, S, sent_mask.bool(), GS.detach(), use_gaze.bool(), theta.detach(), alpha,
-                               *params.op_args())
+    terms = _ops.cross_map_fwd(P, S, sent_mask, GS, use_gaze, theta, alpha, *params.op_args())
     return CrossMapTerms(*terms)
 
 

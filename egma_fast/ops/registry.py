@@ -24,8 +24,11 @@ class Backend:
 
     Attributes:
         name: the value users pass as ``backend=``.
-        late_interaction: callable with the signature of reference.late_interaction.
+        late_interaction: callable with the signature of reference.late_interaction, plus the
+            keyword ``low_memory`` (see egma_fast.ops.late_interaction).
         cross_map: callable with the signature of reference.cross_map.
+        Both receive the canonical arguments of egma_fast.ops.arguments (checked once, at the op
+        boundary) and check nothing themselves.
         supports: (device) -> whether this backend can run on tensors of that device.
         auto_priority: device type -> rank under backend="auto" (higher wins; absent = never auto).
     """

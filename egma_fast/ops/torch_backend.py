@@ -13,8 +13,8 @@ from egma_fast.ops.registry import Backend, register_backend
 
 
 def late_interaction(P: torch.Tensor, S: torch.Tensor, sent_mask: torch.Tensor, patch_mask: torch.Tensor | None = None,
-                     pad_as_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """reference.late_interaction."""
+                     pad_as_zero: bool = False, low_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.late_interaction (``low_memory`` has no meaning here: autograd keeps what it keeps)."""
     from egma_fast import reference
 
     return reference.late_interaction(P, S, sent_mask, patch_mask, pad_as_zero)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -73,7 +72,7 @@ def _check_interpreter_numpy() -> None:
     """Triton <= 3.6's interpreter converts 1-element arrays with int(), which numpy >= 2.4 rejects
     ("only 0-dimensional arrays can be converted to Python scalars" inside every kernel loop);
     fixed in Triton 3.7. Say so up front instead of failing in the first kernel."""
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if not _kernels.utils.interpreting():
         return
     import numpy
 
@@ -87,12 +86,10 @@ def _check_interpreter_numpy() -> None:
             f"{numpy.__version__}: install numpy<2.4 or triton>=3.7")
 
 
-_check_interpreter_numpy()
 _kernels = _load_kernels()
+_check_interpreter_numpy()
 _li = _kernels.late_interaction
 _cm = _kernels.cross_map
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,26 +156,12 @@ def _li_backward(ctx, dzI, dzT, _dwin_patch, _dwin_slot):
 _li_fwd.register_autograd(_li_backward, setup_context=_li_setup)
 
 
-def _check_features(name: str, x: Tensor) -> None:
-    if not isinstance(x, Tensor) or x.dim() != 3:
-        raise ValueError(f"{name} must be a 3-D tensor, got {getattr(x, 'shape', type(x))}")
-    if x.dtype not in _FLOATS:
-        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
-
-
-def _check_mask(name: str, mask: Tensor, shape: tuple[int, ...], device: torch.device) -> None:
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != shape or mask.device != device:
-        got = (tuple(mask.shape), mask.dtype, mask.device) if isinstance(mask, Tensor) else type(mask)
-        raise ValueError(f"{name} must be a bool tensor of shape {list(shape)} on {device}, got {got}")
-
-
 def _features(P: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
-    """Contiguous P, S in one dtype: the wider of the two, and fp32 for CPU tensors (the
-    interpreter has no 16-bit dots). The casts are differentiable."""
-    dtype = torch.promote_types(P.dtype, S.dtype)
+    """Contiguous P, S (one dtype already: the op boundary), fp32 for CPU tensors (the interpreter
+    has no bf16 dots). The casts are differentiable."""
     if P.device.type == "cpu":
-        dtype = torch.float32
-    return P.to(dtype).contiguous(), S.to(dtype).contiguous()
+        P, S = P.float(), S.float()
+    return P.contiguous(), S.contiguous()
 
 
 def late_interaction(
@@ -189,17 +172,10 @@ def late_interaction(
 
     The forward saves the winning slot of every (image, text, patch), Bi Bt n bytes for n < 256, so
     that the backward is two GEMMs; ``low_memory`` saves only the Bi Bt M winning patches and
-    recomputes the rest in the backward (slower)."""
-    _check_features("P", P)
-    _check_features("S", S)
-    if P.shape[2] != S.shape[2] or P.device != S.device:
-        raise ValueError(f"P {tuple(P.shape)} on {P.device} and S {tuple(S.shape)} on {S.device} must share d and device")
+    recomputes the rest in the backward (slower). Arguments as egma_fast.ops.arguments.late_interaction_inputs
+    returns them."""
     Bi, n, _ = P.shape
-    Bt, M, _ = S.shape
-    _check_mask("sent_mask", sent_mask, (Bt, M), P.device)
-    if patch_mask is not None:
-        _check_mask("patch_mask", patch_mask, (Bi, n), P.device)
-    if torch.float64 in (P.dtype, S.dtype):
+    if P.dtype == torch.float64:
         return _oracle.late_interaction(P, S, sent_mask, patch_mask, pad_as_zero)
     if patch_mask is None:
         patch_mask = torch.ones(Bi, n, dtype=torch.bool, device=P.device)
@@ -276,35 +252,21 @@ def cross_map(
     params: CrossMapParams,
 ) -> CrossMapTerms:
     """reference.cross_map on the fused kernels: CrossMapTerms of [B] fp32 tensors, gradients to P,
-    S and alpha (none to GS or theta)."""
-    _check_features("P", P)
-    _check_features("S", S)
-    B, n, d = P.shape
-    if S.shape[0] != B or S.shape[2] != d or S.device != P.device:
-        raise ValueError(f"cross_map works on matched pairs: P {tuple(P.shape)} and S {tuple(S.shape)} must share B, d and device")
-    M = S.shape[1]
-    _check_mask("sent_mask", sent_mask, (B, M), P.device)
-    _check_mask("use_gaze", use_gaze, (B,), P.device)
-    if not isinstance(GS, Tensor) or tuple(GS.shape) != (B, M, n) or GS.dtype not in _FLOATS or GS.device != P.device:
-        raise ValueError(f"GS must be a float tensor of shape [{B}, {M}, {n}] on {P.device}")
-    if not isinstance(theta, Tensor) or tuple(theta.shape) != (B,) or not theta.dtype.is_floating_point:
-        raise ValueError(f"theta must be a float tensor of shape [{B}]")
-    if not isinstance(alpha, Tensor) or alpha.numel() != 1 or not alpha.dtype.is_floating_point:
-        raise ValueError("alpha must be a one-element float tensor")
-    if torch.float64 in (P.dtype, S.dtype):
+    S and alpha (none to GS or theta). Arguments as egma_fast.ops.arguments.cross_map_inputs returns them."""
+    n, M = P.shape[1], S.shape[1]
+    if P.dtype == torch.float64:
         return _oracle.cross_map(P, S, sent_mask, GS, use_gaze, theta, alpha, params)
     _cm.check_sizes(n, M)  # one instance's tiles must fit Triton's tensor limit: say so up front
     P, S = _features(P, S)
-    GS = GS.detach().to(torch.float32 if GS.dtype == torch.float64 else GS.dtype).contiguous()
-    alpha1 = alpha.reshape(1).to(device=P.device, dtype=torch.float32)
-    theta = theta.detach().to(device=P.device, dtype=torch.float32).contiguous()
-    terms, _, _ = _cm_fwd(P, S, sent_mask.contiguous(), GS, use_gaze.contiguous(), theta, alpha1,
-                          *params.replace(k_patches=min(params.k_patches, n)).op_args())
+    GS = GS.to(torch.float32 if GS.dtype == torch.float64 else GS.dtype).contiguous()
+    alpha1 = alpha.reshape(1).float()
+    theta = theta.float().contiguous()
+    terms, _, _ = _cm_fwd(P, S, sent_mask.contiguous(), GS, use_gaze.contiguous(), theta, alpha1, *params.op_args())
     return CrossMapTerms(*terms.unbind(1))
 
 
 def _supports(device: torch.device) -> bool:
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return device.type == "cuda" or (device.type == "cpu" and _kernels.utils.interpreting())
 
 
 register_backend(
