@@ -138,8 +138,50 @@ def _free() -> None:
     torch.cuda.empty_cache()
 
 
+def _measure(benchmark, record, forward: Callable[[], torch.Tensor], params: tuple, info: dict, flops: dict) -> None:
+    """Warm-up (compilation, launch-config tuning), memory of one step (record), then CUDA-event
+    timings of the forward, the backward and the step into ``info``; an out-of-memory case keeps
+    its row with the message. ``params``: the leaves whose .grad a step resets."""
+
+    def fwd_bwd():
+        for p in params:
+            p.grad = None
+        forward().backward()
+
+    used = False  # benchmark.pedantic may run once per test
+    try:
+        fwd_bwd()
+        torch.cuda.synchronize()
+        record(fwd_bwd, DEV, **{k: info[k] for k in ("target", "backend", "B", "n", "M", "d")}, dtype=DTYPE)
+        rounds = _rounds(_cuda_ms(fwd_bwd))
+        fwd = [_cuda_ms(forward) for _ in range(rounds)]
+        bwd = []
+        for _ in range(rounds):
+            for p in params:
+                p.grad = None
+            out = forward()
+            bwd.append(_cuda_ms(out.backward))
+            del out
+        both: list[float] = []
+        used = True
+        benchmark.pedantic(lambda: both.append(_cuda_ms(fwd_bwd)), rounds=rounds, iterations=1, warmup_rounds=0)
+    except torch.cuda.OutOfMemoryError as exc:
+        info["oom"] = True
+        info["oom_message"] = str(exc).splitlines()[0][:300]
+        _free()
+        if not used:
+            benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # keeps the row (and the OOM) in the JSON
+        return
+    for name, samples in (("fwd", fwd), ("bwd", bwd), ("fwd_bwd", both)):
+        ms = statistics.median(samples)
+        info[f"{name}_ms"] = ms
+        info[f"{name}_samples"] = samples
+        info[f"{name}_tflops"] = flops[name] / (ms * 1e-3) / 1e12
+        info[f"{name}_fraction_of_dense"] = info[f"{name}_tflops"] / info["dense_bf16_tflops"]
+
+
 # ----------------------------------------------------------------------------------------------
-# The benchmark
+# The benchmark: each op and the whole loss, Triton against the reference (eager, compiled)
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", GRID_N)
 @pytest.mark.parametrize("B", GRID_B)
@@ -156,66 +198,26 @@ def test_triton_vs_torch(benchmark, record, target: str, backend: str, compiled:
     fn = _objective(target, backend, B, n, mask, GS, has_gaze)
     if compiled:
         fn = torch.compile(fn)
-    P = P0.clone().requires_grad_()
-    S = S0.clone().requires_grad_()
-
-    def forward():
-        return fn(P, S)
-
-    def fwd_bwd():
-        P.grad = S.grad = None
-        forward().backward()
-
-    used = False  # benchmark.pedantic may run once per test
-    try:
-        # Warm-up (compilation, autotuning), memory of one step, then the timings.
-        fwd_bwd()
-        torch.cuda.synchronize()
-        record(fwd_bwd, DEV, target=target, backend=backend, compiled=compiled, B=B, n=n, M=M, d=D, dtype=DTYPE)
-        first = _cuda_ms(fwd_bwd)
-        rounds = _rounds(first)
-        fwd = [_cuda_ms(forward) for _ in range(rounds)]
-        bwd = []
-        for _ in range(rounds):
-            P.grad = S.grad = None
-            out = forward()
-            bwd.append(_cuda_ms(out.backward))
-            del out
-        both: list[float] = []
-
-        def timed_step():
-            both.append(_cuda_ms(fwd_bwd))
-
-        used = True
-        benchmark.pedantic(timed_step, rounds=rounds, iterations=1, warmup_rounds=0)
-    except torch.cuda.OutOfMemoryError as exc:
-        info["oom"] = True
-        info["oom_message"] = str(exc).splitlines()[0][:300]
-        P = S = fn = None
-        _free()
-        if not used:
-            benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # keeps the row (and the OOM) in the JSON
-        return
-
-    flops = model_flops(target, B, n)
-    for name, samples in (("fwd", fwd), ("bwd", bwd), ("fwd_bwd", both)):
-        ms = statistics.median(samples)
-        info[f"{name}_ms"] = ms
-        info[f"{name}_samples"] = samples
-        info[f"{name}_tflops"] = flops[name] / (ms * 1e-3) / 1e12
-        info[f"{name}_fraction_of_dense"] = info[f"{name}_tflops"] / info["dense_bf16_tflops"]
+    P, S = P0.clone().requires_grad_(), S0.clone().requires_grad_()
+    _measure(benchmark, record, lambda: fn(P, S), (P, S), info, model_flops(target, B, n))
     del P, S, fn
     _free()
 
 
 # ----------------------------------------------------------------------------------------------
-# Late interaction across implementations (benchmarks/providers.py): egma_fast's kernels (winners
-# saved / low-memory), the reference, and the PyPI MaxSim kernels where installed and able to
-# express the case; a provider that cannot keeps its row with the reason.
+# Late interaction across implementations (benchmarks/providers.py, one setup for all): egma_fast's
+# Triton kernels (winners saved / low-memory), the CUDA extension (SIMT / tensor cores), and the
+# PyPI MaxSim kernels where installed and able to express the case. A provider that cannot run a
+# case keeps its row with the reason ("unsupported").
 # ----------------------------------------------------------------------------------------------
+#: The CUDA extension's SIMT kernels take seconds per step beyond this batch (issue 11's baseline).
+SIMT_MAX_B = int(os.environ.get("EGMA_BENCH_SIMT_MAX_B", "1024"))
+LI_PROVIDERS = ["triton", "triton_low_memory", "cuda", "cuda_tensor_core", "late_interaction_kernels", "flash_maxsim"]
+
+
 @pytest.mark.parametrize("n", GRID_N)
 @pytest.mark.parametrize("B", GRID_B)
-@pytest.mark.parametrize("name", ["triton", "triton_low_memory", "late_interaction_kernels", "flash_maxsim"])
+@pytest.mark.parametrize("name", LI_PROVIDERS)
 def test_late_interaction_providers(benchmark, record, name: str, B: int, n: int) -> None:
     import providers
 
@@ -227,34 +229,17 @@ def test_late_interaction_providers(benchmark, record, name: str, B: int, n: int
     P0, S0, mask, _, _ = _inputs(B, n)
     try:
         why = providers.unsupported(name, mask)
+        if why is None and name == "cuda" and B > SIMT_MAX_B:
+            why = f"the SIMT kernels take seconds per step beyond B = {SIMT_MAX_B} (EGMA_BENCH_SIMT_MAX_B)"
         if why:
             raise NotImplementedError(why)
         fn = providers.provider(name)
-    except (ImportError, NotImplementedError) as exc:
+    except (ImportError, NotImplementedError, ValueError) as exc:
         info["unsupported"] = f"{type(exc).__name__}: {exc}"[:300]
         benchmark.pedantic(lambda: None, rounds=1, iterations=1)
         return
     P, S = P0.clone().requires_grad_(), S0.clone().requires_grad_()
-
-    def fwd_bwd():
-        P.grad = S.grad = None
-        providers.objective(*fn(P, S, mask)).backward()
-
-    try:
-        fwd_bwd()
-        torch.cuda.synchronize()
-        record(fwd_bwd, DEV, target="late_interaction", backend=name, B=B, n=n, M=M, d=D, dtype=DTYPE)
-        rounds = _rounds(_cuda_ms(fwd_bwd))
-        samples: list[float] = []
-        benchmark.pedantic(lambda: samples.append(_cuda_ms(fwd_bwd)), rounds=rounds, iterations=1, warmup_rounds=0)
-    except torch.cuda.OutOfMemoryError as exc:
-        info["oom"] = True
-        info["oom_message"] = str(exc).splitlines()[0][:300]
-        _free()
-        return
-    ms = statistics.median(samples)
-    flops = model_flops("late_interaction", B, n)["fwd_bwd"]
-    info.update(fwd_bwd_ms=ms, fwd_bwd_samples=samples, fwd_bwd_tflops=flops / (ms * 1e-3) / 1e12)
-    info["fwd_bwd_fraction_of_dense"] = info["fwd_bwd_tflops"] / info["dense_bf16_tflops"]
+    _measure(benchmark, record, lambda: providers.objective(*fn(P, S, mask)), (P, S), info,
+             model_flops("late_interaction", B, n))
     del P, S
     _free()

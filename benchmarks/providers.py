@@ -5,7 +5,8 @@ of EGMA (SPEC 2.1), zI[k, l] = mean_i max_j <P_ki, S_lj> and zT[k, l] = mean_j m
 with autograd. The timed objective is zI.sum() + 0.5 * zT.sum() (both directions' gradients).
 
     triton, triton_low_memory   egma_fast's fused kernels (winners saved / recomputed)
-    cuda                        the CUDA extension (when built with CUDA kernels)
+    cuda, cuda_tensor_core      the CUDA extension (when built with CUDA kernels): its SIMT kernels,
+                                or its tensor-core kernels (EGMA_FAST_CUDA_KERNELS=tensor_core)
     torch, torch_compile        the reference (materialises B x B x n x M), eager and compiled
     late_interaction_kernels    PyPI late-interaction-kernels' maxsim (ColBERT's sum, /n, /m_l)
     flash_maxsim                PyPI flash-maxsim's flash_maxsim_batched_train (prefix lengths)
@@ -17,6 +18,7 @@ express a case (a mask that is not a prefix, pad_as_zero) ``unsupported`` says w
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Callable
 
 import torch
@@ -24,20 +26,32 @@ import torch
 from egma_fast import reference
 
 Tensor = torch.Tensor
+CUDA_KERNELS_ENV = "EGMA_FAST_CUDA_KERNELS"  # egma_fast.ops.cpp_backend reads it at every forward
 Provider = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
-def _triton(low_memory: bool) -> Provider:
-    from egma_fast.ops import triton_backend as tb
+def _backend(backend: str, low_memory: bool = False, cuda_kernels: str | None = None) -> Provider:
+    """egma_fast.ops.late_interaction on one backend; ``cuda_kernels`` sets EGMA_FAST_CUDA_KERNELS for
+    the forward (which picks the kernels; the backward follows the forward's op)."""
+    from egma_fast import ops
 
-    return lambda P, S, mask: tb.late_interaction(P, S, mask, None, False, low_memory=low_memory)
+    if backend not in ops.available_backends():
+        raise ImportError(f"backend {backend!r} is unavailable: {ops.backend_error(backend)}")
 
+    def run(P, S, mask):
+        old = os.environ.get(CUDA_KERNELS_ENV)
+        if cuda_kernels is not None:
+            os.environ[CUDA_KERNELS_ENV] = cuda_kernels
+        try:
+            return ops.late_interaction(P, S, mask, backend=backend, low_memory=low_memory)
+        finally:
+            if cuda_kernels is not None:
+                if old is None:
+                    os.environ.pop(CUDA_KERNELS_ENV, None)
+                else:
+                    os.environ[CUDA_KERNELS_ENV] = old
 
-def _cuda() -> Provider:
-    from egma_fast.ops import select_backend
-
-    backend = select_backend("cuda", torch.device("cuda"))
-    return lambda P, S, mask: backend.late_interaction(P, S, mask, None, False)
+    return run
 
 
 def _torch(compiled: bool) -> Provider:
@@ -75,9 +89,10 @@ def _flash_maxsim() -> Provider:
 
 
 _FACTORIES: dict[str, Callable[[], Provider]] = {
-    "triton": lambda: _triton(False),
-    "triton_low_memory": lambda: _triton(True),
-    "cuda": _cuda,
+    "triton": lambda: _backend("triton"),
+    "triton_low_memory": lambda: _backend("triton", low_memory=True),
+    "cuda": lambda: _backend("cuda", cuda_kernels="simt"),
+    "cuda_tensor_core": lambda: _backend("cuda", cuda_kernels="tensor_core"),
     "torch": lambda: _torch(False),
     "torch_compile": lambda: _torch(True),
     "late_interaction_kernels": _late_interaction_kernels,

@@ -285,8 +285,13 @@ def main_run(out: Path, budget_s: float) -> None:
             run.case("late_interaction", lambda: li_step(name, B, n), target="late_interaction", backend=name, B=B, n=n)
     run.case("late_interaction", lambda: li_step("triton", 4096, 196), target="late_interaction", backend="triton",
              B=4096, n=196)
-    run.case("loss", lambda: loss_step("cuda", 1024, 49)[0], target="loss", backend="cuda", compiled=False,
-             B=1024, n=49, preset="paper")
+    # 6. The CUDA extension (built when device_check.sh runs with EGMA_CHECK_CUDA=1): its tensor-core
+    #    kernels at issue 11's shapes, its SIMT kernels at B = 1024 for reference.
+    for B, n in ((1024, 49), (4096, 49), (1024, 196), (4096, 196)):
+        run.case("late_interaction", lambda: li_step("cuda_tensor_core", B, n), target="late_interaction",
+                 backend="cuda_tensor_core", B=B, n=n)
+    run.case("late_interaction", lambda: li_step("cuda", 1024, 49), target="late_interaction", backend="cuda",
+             B=1024, n=49)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ kernels above; ``EGMA_FAST_CUDA_KERNELS=tensor_core`` runs ``late_interaction_tc
 ``late_interaction_tc_bwd`` instead (same schemas and contract; csrc/cuda/late_interaction_tc.cu:
 mma.sync tensor-core kernels for bf16 / fp16 on sm_80+, the SIMT kernels with a one-time warning
 for other inputs). Read at every call; set it before the forward. The tensor-core kernels stay
-opt-in until GPU runs have validated them (tests/test_cpp_gpu.py, benchmarks/bench_cuda_tc.py).
+opt-in until GPU runs have validated them (tests/test_cpp_gpu.py, benchmarks/gpu/device_check.sh).
 """
 from __future__ import annotations
 
