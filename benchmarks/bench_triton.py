@@ -29,8 +29,8 @@ from typing import Callable
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+import providers
 from egma_fast import EGMALoss, ops, reference
 from egma_fast.config import EGMAConfig
 
@@ -44,39 +44,17 @@ def _grid(name: str, default: list[int]) -> list[int]:
 
 GRID_B = _grid("EGMA_BENCH_B", [256, 1024, 4096, 16384])
 GRID_N = _grid("EGMA_BENCH_N", [49, 196])
-M, D = 16, 512
-DTYPE = torch.bfloat16
+M, D, DTYPE = providers.M, providers.D, providers.DTYPE
 PRESET = os.environ.get("EGMA_BENCH_PRESET", "paper")
 TARGETS = ["late_interaction", "cross_map", "loss"]
 DEV = "cuda"
 
 
 # ----------------------------------------------------------------------------------------------
-# Timing helpers
+# Timing and inputs: the shared setup (benchmarks/providers.py)
 # ----------------------------------------------------------------------------------------------
-def _cuda_ms(fn: Callable[[], object]) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
-
-
-_DENSE: dict[str, float] = {}
-
-
-def dense_bf16_tflops() -> float:
-    """TFLOP/s of one 8192^3 bf16 matmul on this device (measured once per session)."""
-    if "tflops" not in _DENSE:
-        a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
-        b = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
-        for _ in range(3):
-            a @ b
-        ms = statistics.median(_cuda_ms(lambda: a @ b) for _ in range(10))
-        _DENSE["tflops"] = 2 * 8192**3 / (ms * 1e-3) / 1e12
-        del a, b
-    return _DENSE["tflops"]
+_cuda_ms = providers.cuda_ms
+dense_bf16_tflops = providers.dense_bf16_tflops
 
 
 def _rounds(estimate_ms: float) -> int:
@@ -88,14 +66,7 @@ def _rounds(estimate_ms: float) -> int:
 # Cases: each target is a function (P, S) -> scalar objective on fixed masks / gaze
 # ----------------------------------------------------------------------------------------------
 def _inputs(B: int, n: int, seed: int = 0):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    P = F.normalize(torch.randn(B, n, D, generator=g, device=DEV), dim=-1).to(DTYPE)
-    S = F.normalize(torch.randn(B, M, D, generator=g, device=DEV), dim=-1).to(DTYPE)
-    lengths = torch.randint(1, M + 1, (B,), generator=g, device=DEV)
-    mask = torch.arange(M, device=DEV)[None, :] < lengths[:, None]
-    GS = (torch.rand(B, M, n, generator=g, device=DEV) * mask[:, :, None]).to(DTYPE)
-    has_gaze = torch.rand(B, generator=g, device=DEV) < 0.7
-    return P, S, mask, GS, has_gaze
+    return providers.inputs(B, n, seed, DEV)
 
 
 def _objective(target: str, backend: str, B: int, n: int, mask, GS, has_gaze) -> Callable:
@@ -200,8 +171,6 @@ def test_triton_vs_torch(benchmark, record, target: str, backend: str, compiled:
         fn = torch.compile(fn)
     P, S = P0.clone().requires_grad_(), S0.clone().requires_grad_()
     _measure(benchmark, record, lambda: fn(P, S), (P, S), info, model_flops(target, B, n))
-    del P, S, fn
-    _free()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,8 +188,6 @@ LI_PROVIDERS = ["triton", "triton_low_memory", "cuda", "cuda_tensor_core", "late
 @pytest.mark.parametrize("B", GRID_B)
 @pytest.mark.parametrize("name", LI_PROVIDERS)
 def test_late_interaction_providers(benchmark, record, name: str, B: int, n: int) -> None:
-    import providers
-
     benchmark.group = f"late_interaction_providers-B{B}-n{n}-M{M}-d{D}-bf16"
     info = benchmark.extra_info
     info.update(target="late_interaction", backend=name, compiled=False, B=B, n=n, M=M, d=D, dtype="bfloat16",
@@ -241,5 +208,3 @@ def test_late_interaction_providers(benchmark, record, name: str, B: int, n: int
     P, S = P0.clone().requires_grad_(), S0.clone().requires_grad_()
     _measure(benchmark, record, lambda: providers.objective(*fn(P, S, mask)), (P, S), info,
              model_flops("late_interaction", B, n))
-    del P, S
-    _free()

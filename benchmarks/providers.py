@@ -1,4 +1,5 @@
-"""Late-interaction implementations the GPU benchmarks put side by side, one setup for all.
+"""The GPU benchmarks' shared setup (bench_triton.py, gpu/device_check.py): the inputs, CUDA-event
+timing, the dense bf16 matmul rate, and the late-interaction implementations put side by side.
 
 Each provider maps (P [B, n, d], S [B, M, d], sent_mask [B, M]) to the two pooled MaxSim directions
 of EGMA (SPEC 2.1), zI[k, l] = mean_i max_j <P_ki, S_lj> and zT[k, l] = mean_j max_i <P_ki, S_lj>,
@@ -19,17 +20,66 @@ from __future__ import annotations
 
 import importlib
 import os
+import statistics
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from egma_fast import reference
 
 Tensor = torch.Tensor
+M, D = 16, 512  # the benchmark's sentence slots and feature width (the authors' setup)
+DTYPE = torch.bfloat16
 CUDA_KERNELS_ENV = "EGMA_FAST_CUDA_KERNELS"  # egma_fast.ops.cpp_backend reads it at every forward
 Provider = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
+# ----------------------------------------------------------------------------------------------
+# Inputs and timing
+# ----------------------------------------------------------------------------------------------
+def inputs(B: int, n: int, seed: int = 0, device: str = "cuda"):
+    """(P [B, n, D], S [B, M, D], mask [B, M], GS [B, M, n], has_gaze [B]): L2-normalised randn
+    features in bf16, sentence counts uniform in 1..M (prefix masks), gaze scores on the real
+    sentences, 70% of samples with gaze (the method of benchmarks/results/h200_baseline_*.md)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    P = F.normalize(torch.randn(B, n, D, generator=g, device=device), dim=-1).to(DTYPE)
+    S = F.normalize(torch.randn(B, M, D, generator=g, device=device), dim=-1).to(DTYPE)
+    lengths = torch.randint(1, M + 1, (B,), generator=g, device=device)
+    mask = torch.arange(M, device=device)[None, :] < lengths[:, None]
+    GS = (torch.rand(B, M, n, generator=g, device=device) * mask[:, :, None]).to(DTYPE)
+    has_gaze = torch.rand(B, generator=g, device=device) < 0.7
+    return P, S, mask, GS, has_gaze
+
+
+def cuda_ms(fn: Callable[[], object]) -> float:
+    """Milliseconds of fn on the GPU, by CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+_DENSE: dict[str, float] = {}
+
+
+def dense_bf16_tflops() -> float:
+    """TFLOP/s of one 8192^3 bf16 matmul on this device (median of 10; measured once per process)."""
+    if "tflops" not in _DENSE:
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ b
+        ms = statistics.median(cuda_ms(lambda: a @ b) for _ in range(10))
+        _DENSE["tflops"] = 2 * 8192**3 / (ms * 1e-3) / 1e12
+    return _DENSE["tflops"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The late-interaction providers
+# ----------------------------------------------------------------------------------------------
 def _backend(backend: str, low_memory: bool = False, cuda_kernels: str | None = None) -> Provider:
     """egma_fast.ops.late_interaction on one backend; ``cuda_kernels`` sets EGMA_FAST_CUDA_KERNELS for
     the forward (which picks the kernels; the backward follows the forward's op)."""

@@ -29,9 +29,9 @@ flash-attention rule, fast error <= 2x PyTorch's own error from the same 16-bit 
     bf16 features   one fp16 product: W times a power of two (largest entry near 1) rounded to fp16,
                     and the features times a power of two converted to fp16 once per backward
                     (exact: a bf16 mantissa fits fp16's). W keeps 11 bits instead of bf16's 8:
-                    errors 1.0-1.07x PyTorch's, where rounding W to bf16 measured up to 1.98x.
+                    errors up to 1.09x PyTorch's, where rounding W to bf16 measured up to 1.86x.
     fp16 features   W scaled the same way and split into hi + lo fp16 halves (two products): one
-                    fp16 rounding of W measured up to 2.04x, over the rule, since the output has
+                    fp16 rounding of W measured up to 2.05x, over the rule, since the output has
                     fp16's precision too.
 The power-of-two scales (exact) keep W and the features inside fp16's exponent range at any batch
 size and feature norm; the accumulator is unscaled once at the end.

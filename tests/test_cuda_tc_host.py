@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from egma_fast import reference
 from egma_fast.ops.arguments import text_zero_slots

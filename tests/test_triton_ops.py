@@ -7,7 +7,6 @@ values and every gradient. Tolerances are tight enough to catch a wrong index.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import pytest

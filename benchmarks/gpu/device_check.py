@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -34,11 +33,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import providers  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-M, D = 16, 512
-DTYPE = torch.bfloat16
+M, D = providers.M, providers.D
 DEV = "cuda"
 
 # Issue 10's targets, checked by --summarize.
@@ -59,27 +57,13 @@ TARGETS = {
 # ----------------------------------------------------------------------------------------------
 # Measuring
 # ----------------------------------------------------------------------------------------------
-def cuda_ms(fn: Callable[[], object]) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
+cuda_ms = providers.cuda_ms
+dense_bf16_tflops = providers.dense_bf16_tflops
 
 
 def free() -> None:
     gc.collect()
     torch.cuda.empty_cache()
-
-
-def dense_bf16_tflops() -> float:
-    a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    ms = statistics.median(cuda_ms(lambda: a @ b) for _ in range(10))
-    return 2 * 8192**3 / (ms * 1e-3) / 1e12
 
 
 def copy_gbps() -> float:
@@ -112,14 +96,7 @@ def time_step(step: Callable[[], None], rounds: int | None = None) -> dict:
 # Inputs and steps
 # ----------------------------------------------------------------------------------------------
 def inputs(B: int, n: int, seed: int = 0):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    P = F.normalize(torch.randn(B, n, D, generator=g, device=DEV), dim=-1).to(DTYPE)
-    S = F.normalize(torch.randn(B, M, D, generator=g, device=DEV), dim=-1).to(DTYPE)
-    lengths = torch.randint(1, M + 1, (B,), generator=g, device=DEV)
-    mask = torch.arange(M, device=DEV)[None, :] < lengths[:, None]
-    GS = (torch.rand(B, M, n, generator=g, device=DEV) * mask[:, :, None]).to(DTYPE)
-    has_gaze = torch.rand(B, generator=g, device=DEV) < 0.7
-    return P, S, mask, GS, has_gaze
+    return providers.inputs(B, n, seed, DEV)
 
 
 def loss_step(backend: str, B: int, n: int, preset: str = "paper", compiled: bool = False):
@@ -144,8 +121,6 @@ def loss_step(backend: str, B: int, n: int, preset: str = "paper", compiled: boo
 
 
 def li_step(provider_name: str, B: int, n: int):
-    import providers
-
     P0, S0, mask, _, _ = inputs(B, n)
     why = providers.unsupported(provider_name, mask)
     if why:

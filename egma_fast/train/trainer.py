@@ -30,7 +30,6 @@ import random
 import signal
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
