@@ -15,11 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-NEG_INF = float("-inf")
-POS_INF = float("inf")
-
-# How a fp32 operand (a gradient tile, a weight tile) is multiplied with a feature tile of the
-# input dtype on the tensor cores (GRAD_MODE constexpr of the kernels):
+# How a dense fp32 operand (cross_map's gradient and weight tiles) is multiplied with a feature
+# tile of the input dtype on the tensor cores (GRAD_MODE constexpr of the cross_map kernels; late
+# interaction's one-hot weight tile has its own modes, kernels/late_interaction.py):
 #   0  fp32 features: plain IEEE fp32 dot (exact, no tensor cores);
 #   1  bf16 features: the fp32 operand is split into bf16 hi + lo and multiplied twice, which keeps
 #      ~16 mantissa bits of it (a single bf16 rounding would lose more than the output rounding);
