@@ -33,7 +33,9 @@ _ARG_TYPES = {
     "SMASK": "*u8", "PMASK": "*u8", "ZSLOT": "*u8", "USE_GAZE": "*u8", "WIN": "*u8", "WIN_T": "*u8", "WIN_I": "*u8",
     "SCALES": "*fp32", "PF": "*{h}", "SF": "*{h}",
     "NVALID": "*i32", "MVALID": "*i32",
-    "ZI": "*fp32", "ZT": "*fp32", "DZI": "*fp32", "DZT": "*fp32", "OUT": "*fp32", "THETA": "*fp32", "ALPHA": "*fp32",
+    "ZI": "*fp32", "ZT": "*fp32", "DZI": "*fp32", "DZT": "*fp32",
+    "OUT": "*{f}",  # the dS kernel writes dS itself (one split: large B, the case that matters)
+    "THETA": "*fp32", "ALPHA": "*fp32",
     "A0": "*fp32", "TERMS": "*fp32", "LSE_COL": "*fp32", "GTERMS": "*fp32", "DA_FULL": "*fp32", "DA_ROWS": "*fp32",
     "DALPHA": "*fp32",
     "Bi": "i32", "Bt": "i32", "n": "i32", "M": "i32", "d": "i32", "sPb": "i32", "sPn": "i32", "sSb": "i32",

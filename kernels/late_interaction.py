@@ -280,8 +280,9 @@ def _li_bwd_dp_kernel(P, S, SF, SMASK, PMASK, NVALID, MVALID, ZSLOT, WIN_T, WIN_
         lt = l0 + tl.arange(0, BLOCK_T)
         zs_t = tl.load(ZSLOT + lt, mask=lt < Bt, other=0) != 0
         m_l = tl.load(MVALID + l, mask=l < Bt, other=1)
+        # W's coefficients: the same reciprocals as in the dS kernel, so both GEMMs use the same W.
         c_img = tl.load(DZI + k * Bt + l, mask=l < Bt, other=0.0) * inv_nv
-        c_txt = tl.load(DZT + k * Bt + l, mask=l < Bt, other=0.0) / tl.maximum(m_l, 1).to(tl.float32)
+        c_txt = tl.load(DZT + k * Bt + l, mask=l < Bt, other=0.0) * (1.0 / tl.maximum(m_l, 1).to(tl.float32))
         win_t = tl.load(WIN_T + (k * Bt + l) * M + j, mask=slot_ok, other=0)
         hit = _image_hits(WIN_I, P, S, k, i, l, j, slot_ok, sv, zs_t, Bt, n, d, sPb, sPn, sSb, sSm,
                           SAVED, False, BLOCK_N, BLOCK_T, M_PAD, BLOCK_D, DOT_PREC)
@@ -329,7 +330,7 @@ def _li_bwd_ds_kernel(P, S, PF, SMASK, PMASK, NVALID, MVALID, ZSLOT, WIN_T, WIN_
         k = tl.cast(step // chunks, tl.int64)
         i = (step % chunks) * BLOCK_N + tl.arange(0, BLOCK_N)
         nv = tl.load(NVALID + k)
-        c_img = tl.load(DZI + k * Bt + l, mask=l < Bt, other=0.0) / tl.maximum(nv, 1).to(tl.float32)
+        c_img = tl.load(DZI + k * Bt + l, mask=l < Bt, other=0.0) * (1.0 / tl.maximum(nv, 1).to(tl.float32))
         c_txt = tl.load(DZT + k * Bt + l, mask=l < Bt, other=0.0) * inv_m
         win_t = tl.load(WIN_T + (k * Bt + l) * M + j, mask=slot_ok, other=0)
         p_ok = tl.load(PMASK + k * n + i, mask=i < n, other=0) != 0
@@ -453,27 +454,44 @@ def late_interaction_forward(
 
 
 def _pow2_scale(peak: torch.Tensor) -> torch.Tensor:
-    """2^-ceil(log2(peak)): brings a positive peak into (0.5, 1] exactly (1 for a zero peak)."""
-    scale = torch.exp2(-torch.ceil(torch.log2(peak.float())))
-    return torch.where(peak > 0, scale, torch.ones_like(scale))
+    """2^-ceil(log2(peak)): brings a positive peak into (0.5, 1] exactly (1 for a zero peak). The
+    exponent is clamped to fp32's normal range, so a subnormal or infinite peak gives a finite scale
+    (an infinite upstream gradient then stays an inf where it is, instead of NaN everywhere)."""
+    exponent = torch.ceil(torch.log2(peak.float())).clamp(-120.0, 120.0)
+    return torch.where(peak > 0, torch.exp2(-exponent), torch.ones_like(exponent))
 
 
-def _product_operands(mode: int, dzI: torch.Tensor, dzT: torch.Tensor, P: torch.Tensor, S: torch.Tensor):
+def _max_abs(x: torch.Tensor) -> torch.Tensor:
+    """max |x| as one reduction (no |x| temporary)."""
+    return torch.linalg.vector_norm(x, float("inf"))
+
+
+def _scaled_fp16(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, rows, d] with its invalid rows (valid [B, rows] == 0) zeroed, times the power of two that
+    brings its largest valid |entry| near 1, in fp16; and that scale. Masked rows never reach the
+    products (their W entries are 0), so they must neither set the scale nor become fp16 infinities."""
+    kept = torch.where(valid.bool()[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+    scale = _pow2_scale(_max_abs(kept))
+    return torch.mul(kept, scale.to(kept.dtype), out=kept).half(), scale
+
+
+def _product_operands(mode: int, dzI: torch.Tensor, dzT: torch.Tensor, P: torch.Tensor, S: torch.Tensor,
+                      pmask: torch.Tensor, smask: torch.Tensor):
     """The features the backward's products read and SCALES [3] fp32 = (W's scale, dP's unscale,
     dS's unscale), all computed on the device (no host sync).
 
     W's largest entry is at most |dzI| + |dzT| (c_img <= |dzI|, c_txt <= |dzT|). For bf16 features
     (W_FP16) P and S are also scaled into fp16's range and converted once here (exact for a bf16
-    mantissa; Bi n d + Bt M d fp16 elements for the duration of the backward)."""
-    one = torch.ones((), device=P.device)
+    mantissa down to 2^-17 of the largest entry; Bi n d + Bt M d fp16 elements while the backward
+    runs)."""
     if mode == W_FP32:
         return P, S, torch.ones(3, device=P.device)
-    w_scale = _pow2_scale(dzI.abs().amax() + dzT.abs().amax())
+    w_scale = _pow2_scale(_max_abs(dzI) + _max_abs(dzT))
     if mode == W_FP16:
-        p_scale, s_scale = _pow2_scale(P.abs().amax()), _pow2_scale(S.abs().amax())
-        PF, SF = (P * p_scale).half(), (S * s_scale).half()
+        PF, p_scale = _scaled_fp16(P, pmask)
+        SF, s_scale = _scaled_fp16(S, smask)
     else:
-        p_scale = s_scale = one
+        p_scale = s_scale = torch.ones((), device=P.device)
         PF, SF = P, S
     return PF, SF, torch.stack([w_scale, 1 / (w_scale * s_scale), 1 / (w_scale * p_scale)]).float()
 
@@ -487,13 +505,13 @@ def late_interaction_backward(
     Bi, n, d = P.shape
     Bt, M, _ = S.shape
     blocks = li_blocks(n, M, d, P.dtype)
-    dP = torch.empty_like(P)
-    dS = torch.empty_like(S)
     if Bi == 0 or Bt == 0:
-        return dP.zero_(), dS.zero_()
+        return torch.zeros_like(P), torch.zeros_like(S)
     saved = win_i.dim() == 3
     mode = weight_mode(P.dtype) if FORCE_WEIGHT_MODE is None else FORCE_WEIGHT_MODE
-    PF, SF, scales = _product_operands(mode, dzI, dzT, P, S)
+    PF, SF, scales = _product_operands(mode, dzI, dzT, P, S, pmask, smask)  # before dP, dS: a lower peak
+    dP = torch.empty_like(P)
+    dS = torch.empty_like(S)
     meta = dict(_tiles(P, blocks), GRAD_MODE=mode, SAVED=saved)
     strides = (P.stride(0), P.stride(1), S.stride(0), S.stride(1))
     splits = _ds_splits(Bi, Bt, blocks, P.device)
@@ -519,8 +537,11 @@ def late_interaction_backward(
         bi, bt = min(Bi, PROXY_IMAGES), min(Bt, PROXY_TEXTS)
         key = _key(P, S, mode, saved)
         cfg_dp = _DP_TUNERS[mode].pick(key, lambda c: launch_dp(bi, bt, torch.empty_like(P[:bi]), c))
-        proxy_splits = _ds_splits(bi, bt, blocks, P.device)
-        buf = torch.empty(proxy_splits, bt, M, d, device=P.device, dtype=torch.float32)
+        # The dS proxy writes what the real call writes: dS itself when it has one split (large B),
+        # else an fp32 split buffer.
+        proxy_splits = 1 if splits == 1 else _ds_splits(bi, bt, blocks, P.device)
+        buf = (torch.empty(bt, M, d, device=P.device, dtype=S.dtype) if proxy_splits == 1
+               else torch.empty(proxy_splits, bt, M, d, device=P.device, dtype=torch.float32))
         cfg_ds = _DS_TUNER.pick(key, lambda c: launch_ds(bi, bt, proxy_splits, buf, c))
     launch_dp(Bi, Bt, dP, cfg_dp)
     out = dS if splits == 1 else torch.empty(splits, Bt, M, d, device=S.device, dtype=torch.float32)

@@ -275,3 +275,46 @@ def assert_late_interaction_deterministic(fn, case: Case) -> None:
         runs.append((zI, zT, P.grad, S.grad))
     for name, a, b in zip(("zI", "zT", "dP", "dS"), *runs):
         assert torch.equal(a, b), f"{case.name}: {name} differs between two identical runs"
+
+
+def grads_from_winners(P: torch.Tensor, S: torch.Tensor, sent_mask: torch.Tensor, patch_mask: torch.Tensor,
+                       dzI: torch.Tensor, dzT: torch.Tensor, win_patch: torch.Tensor, win_slot: torch.Tensor,
+                       images: torch.Tensor | None = None, texts: torch.Tensor | None = None):
+    """dP and dS (float64) of sum(dzI * zI + dzT * zT) at the given winners, computed independently of
+    any kernel: the one-hot weights dzI[k, l] / n_valid[k] at each valid patch's winning slot
+    (win_slot [Bi, Bt, n]; a value >= M means the zero slot won) and dzT[k, l] / m_l at each valid
+    slot's winning patch (win_patch [Bi, Bt, M]), multiplied by S and P. Exact given the winners, so
+    it is a float64 truth for a backward even at sizes where near-ties make a clear-margin input
+    impossible. ``images`` / ``texts``: the rows of dP / dS to compute (default: all)."""
+    P64, S64 = P.double(), S.double()
+    Bi, n, _ = P.shape
+    Bt, M, _ = S.shape
+    images = torch.arange(Bi, device=P.device) if images is None else images
+    texts = torch.arange(Bt, device=P.device) if texts is None else texts
+    m = sent_mask.sum(1).clamp_min(1).double()  # [Bt]
+    nv = patch_mask.sum(1).double()  # [Bi]
+    has_patch = nv > 0
+    c_img = dzI.double() / nv.clamp_min(1)[:, None]  # [Bi, Bt]
+    c_txt = dzT.double() / m[None, :]  # [Bi, Bt]
+    slot = win_slot.long()  # [Bi, Bt, n]
+    real = slot < M
+    slot_c = slot.clamp(max=M - 1)
+    won = real & torch.gather(sent_mask[None].expand(Bi, Bt, M), 2, slot_c) & patch_mask[:, None, :]
+    # dP[k, i] = sum_l c_img[k, l] S[l, slot] + sum_{l, j: win_patch = i} c_txt[k, l] S[l, j]
+    dP = torch.zeros(len(images), n, P.shape[2], dtype=torch.float64, device=P.device)
+    for r, k in enumerate(images.tolist()):
+        w = torch.where(won[k], c_img[k][:, None], torch.zeros((), dtype=torch.float64, device=P.device))  # [Bt, n]
+        dP[r] = torch.einsum("li,lid->id", w, S64[torch.arange(Bt, device=P.device)[:, None], slot_c[k]])
+        txt = sent_mask & has_patch[k]  # [Bt, M]
+        coef = torch.where(txt, c_txt[k][:, None], torch.zeros((), dtype=torch.float64, device=P.device))
+        dP[r].index_add_(0, win_patch[k].long().reshape(-1), (coef[:, :, None] * S64).reshape(Bt * M, -1))
+    # dS[l, j] = sum_k c_txt[k, l] P[k, win_patch] + sum_{k, i: slot = j} c_img[k, l] P[k, i]
+    dS = torch.zeros(len(texts), M, S.shape[2], dtype=torch.float64, device=P.device)
+    for r, l in enumerate(texts.tolist()):
+        coef = torch.where(sent_mask[l][None, :] & has_patch[:, None], c_txt[:, l][:, None],
+                           torch.zeros((), dtype=torch.float64, device=P.device))  # [Bi, M]
+        rows = P64[torch.arange(Bi, device=P.device)[:, None], win_patch[:, l].long()]  # [Bi, M, d]
+        dS[r] = torch.einsum("kj,kjd->jd", coef, rows)
+        w = torch.where(won[:, l], c_img[:, l][:, None], torch.zeros((), dtype=torch.float64, device=P.device))  # [Bi, n]
+        dS[r].index_add_(0, slot_c[:, l].reshape(-1), (w[:, :, None] * P64).reshape(Bi * n, -1))
+    return dP, dS

@@ -26,6 +26,7 @@ pytest.importorskip("triton")
 
 from egma_fast import EGMALoss, reference  # noqa: E402
 from egma_fast.config import EGMAConfig  # noqa: E402
+from egma_fast.ops.arguments import text_zero_slots  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -175,6 +176,78 @@ def test_late_interaction_flash_rule(dtype, n, d, pad_as_zero):
     base = run(reference.late_interaction, P, S)
     truth = run(reference.late_interaction, P.double(), S.double())
     _assert_flash_rule(["zI", "zT", "dP", "dS"], fast[0] + fast[1], base[0] + base[1], truth[0] + truth[1])
+
+
+@pytest.mark.parametrize("low_memory", [False, True], ids=["saved", "low_memory"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_late_interaction_many_blocks(dtype, low_memory):
+    """Bi = 40, Bt = 37 at the benchmark's n, M, d: several text blocks per dP program (BLOCK_T = 8),
+    several image groups in the forward, two image splits in dS (the fp32 partial buffer), zero
+    slots. Near-ties are unavoidable at this size, so the gradients are checked against the float64
+    gradient at the forward's own winners (op_cases.grads_from_winners), with the flash rule: the
+    error at most twice PyTorch's own, rounding that truth to the input dtype."""
+    from op_cases import grads_from_winners
+
+    Bi, Bt, n, M, d = 40, 37, 49, 16, 512
+    P, S, mask, _, _ = _features(11, Bi, Bt, n, M, d, dtype)
+    pmask = torch.rand(Bi, n, generator=torch.Generator(device=DEV).manual_seed(3), device=DEV) < 0.9
+    zslot = text_zero_slots(mask, True)
+    if torch.cuda.get_device_properties(DEV).multi_processor_count >= 80:
+        assert _tb()._li._ds_splits(Bi, Bt, _tb()._li.li_blocks(n, M, d, dtype), P.device) > 1
+    zI, zT, win_t, win_i = _tb()._li_fwd(P, S, mask, pmask, zslot, True)
+    low = _tb()._li_fwd(P, S, mask, pmask, zslot, False)
+    assert torch.equal(low[0], zI) and torch.equal(low[1], zT) and torch.equal(low[2], win_t)
+    truth = reference.late_interaction(P.double(), S.double(), mask, pmask, True)
+    base = reference.late_interaction(P, S, mask, pmask, True)
+    _assert_flash_rule(["zI", "zT"], [zI, zT], base, truth)
+    g = torch.Generator(device=DEV).manual_seed(5)
+    dz = torch.randn(2, Bi, Bt, generator=g, device=DEV)
+    slots = low[3] if low_memory else win_i
+    dP, dS = _tb()._li_bwd(dz[0], dz[1], P, S, mask, pmask, zslot, win_t, slots)
+    want = grads_from_winners(P, S, mask, pmask, dz[0], dz[1], win_t, win_i)
+    _assert_flash_rule(["dP", "dS"], [dP, dS], [w.to(dtype) for w in want], want)
+
+
+def test_late_interaction_b16384_spot_check():
+    """B = 16384, n = 49 (winner offsets up to Bi Bt n ~ 1.3e10: int32 index math would wrap):
+    the rows of the first, a middle and the last image, and the last text's dS, against float64."""
+    _spot_check(16384)
+
+
+def _spot_check(B: int, n: int = 49, M: int = 16, d: int = 512) -> None:
+    from op_cases import grads_from_winners
+
+    P, S, mask, _, _ = _features(17, B, B, n, M, d, torch.bfloat16)
+    pmask = torch.ones(B, n, dtype=torch.bool, device=DEV)
+    zslot = torch.zeros(B, dtype=torch.bool, device=DEV)
+    zI, zT, win_t, win_i = _tb()._li_fwd(P, S, mask, pmask, zslot, True)
+    g = torch.Generator(device=DEV).manual_seed(9)
+    dzI = torch.randn(B, B, generator=g, device=DEV) / B
+    dzT = torch.randn(B, B, generator=g, device=DEV) / B
+    dP, dS = _tb()._li_bwd(dzI, dzT, P, S, mask, pmask, zslot, win_t, win_i)
+    S64 = S.double()
+    valid = mask[:, None, :].expand(B, n, M)
+    for k in (0, B // 2 - 1, B - 1):
+        X = torch.einsum("id,tjd->tij", P[k].double(), S64)  # [Bt, n, M]
+        # The saved winners attain the maxima (within fp32 summation-order rounding).
+        xi = torch.where(valid, X, torch.tensor(-math.inf, device=DEV))
+        best_slot = xi.amax(2)
+        got_slot = torch.gather(xi, 2, win_i[k].long().clamp(max=M - 1)[:, :, None])[..., 0]
+        assert (best_slot - got_slot).max() < 1e-5, k
+        best_patch = X.amax(1)
+        got_patch = torch.gather(X, 1, win_t[k].long()[:, None, :])[:, 0, :]
+        assert torch.where(mask, best_patch - got_patch, torch.zeros((), device=DEV, dtype=X.dtype)).max() < 1e-5, k
+        m = mask.sum(1).double()
+        want_zI = best_slot.mean(1)
+        want_zT = torch.where(mask, best_patch, torch.zeros((), device=DEV, dtype=X.dtype)).sum(1) / m
+        torch.testing.assert_close(zI[k].double(), want_zI, rtol=0, atol=1e-5)
+        torch.testing.assert_close(zT[k].double(), want_zT, rtol=0, atol=1e-5)
+        rows = torch.tensor([k], device=DEV)
+        want_dP, _ = grads_from_winners(P, S, mask, pmask, dzI, dzT, win_t, win_i, images=rows, texts=rows[:0])
+        _assert_flash_rule(["dP"], [dP[k:k + 1]], [want_dP.bfloat16()], [want_dP])
+    last = torch.tensor([B - 1], device=DEV)
+    _, want_dS = grads_from_winners(P, S, mask, pmask, dzI, dzT, win_t, win_i, images=last[:0], texts=last)
+    _assert_flash_rule(["dS"], [dS[B - 1:]], [want_dS.bfloat16()], [want_dS])
 
 
 @pytest.mark.parametrize("n", [49, 196])

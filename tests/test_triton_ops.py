@@ -19,9 +19,11 @@ from egma_fast import reference  # noqa: E402
 from egma_fast.config import EGMAConfig  # noqa: E402
 from egma_fast.ops import available_backends, select_backend  # noqa: E402
 from egma_fast.ops import triton_backend as tb  # noqa: E402
+from egma_fast.ops.arguments import text_zero_slots  # noqa: E402
 
 from op_cases import (  # noqa: E402
     EGM_GAZE_CONFIGS,
+    grads_from_winners,
     assert_late_interaction_deterministic,
     Case,
     compare_cross_map,
@@ -90,6 +92,47 @@ def test_late_interaction_low_memory_is_bitwise_saved() -> None:
     low = tb._li_fwd(case.P, case.S, case.mask, pmask, zslot, False)
     assert saved[3].shape == (5, 6, 13) and saved[3].dtype == torch.uint8 and low[3].numel() == 0
     for a, b in zip(saved[:3], low[:3]):
+        assert torch.equal(a, b)
+
+
+def test_backward_equals_the_gradient_at_its_winners() -> None:
+    """The backward is exactly the one-hot-weight gradient at the forward's saved winners
+    (op_cases.grads_from_winners, the float64 truth the GPU tests use at sizes where no input
+    without near-ties exists), in both winner modes, with zero slots and masked patches."""
+    case = make_case("winners", 5, 7, 9, 4, 16, mask_kind="scattered", device=DEVICE)
+    pmask = torch.rand(5, 9, device=DEVICE) < 0.8
+    pmask[1] = False
+    zslot = text_zero_slots(case.mask, True)
+    zI, zT, win_t, win_i = tb._li_fwd(case.P, case.S, case.mask, pmask, zslot, True)
+    dz = torch.randn(2, 5, 7, device=DEVICE)
+    want = grads_from_winners(case.P, case.S, case.mask, pmask, dz[0], dz[1], win_t, win_i)
+    for slots in (win_i, win_i.new_empty(0)):
+        got = tb._li_bwd(dz[0], dz[1], case.P, case.S, case.mask, pmask, zslot, win_t, slots)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    rows = torch.tensor([4, 0], device=DEVICE)
+    part = grads_from_winners(case.P, case.S, case.mask, pmask, dz[0], dz[1], win_t, win_i, images=rows, texts=rows)
+    torch.testing.assert_close(part[0], want[0][rows])
+    torch.testing.assert_close(part[1], want[1][rows])
+
+
+def test_custom_ops_accept_strided_views() -> None:
+    """The custom ops called directly with non-contiguous views (torch.compile may hand them any
+    layout) compute what they compute on dense copies."""
+    case = make_case("strided", 3, 4, 6, 3, 8, mask_kind="scattered", device=DEVICE)
+    pmask = torch.ones(3, 6, dtype=torch.bool, device=DEVICE)
+    zslot = text_zero_slots(case.mask, True)
+    P_t = case.P.transpose(1, 2).contiguous().transpose(1, 2)  # same values, d-major storage
+    S_t = case.S.transpose(1, 2).contiguous().transpose(1, 2)
+    mask_t = case.mask.t().contiguous().t()
+    dense = tb._li_fwd(case.P, case.S, case.mask, pmask, zslot, True)
+    strided = tb._li_fwd(P_t, S_t, mask_t, pmask, zslot, True)
+    for a, b in zip(dense, strided):
+        assert torch.equal(a, b)
+    dz = torch.randn(2, 3, 4, device=DEVICE)
+    want = tb._li_bwd(dz[0], dz[1], case.P, case.S, case.mask, pmask, zslot, dense[2], dense[3])
+    got = tb._li_bwd(dz[0].t().contiguous().t(), dz[1], P_t, S_t, mask_t, pmask, zslot, dense[2], dense[3])
+    for a, b in zip(want, got):
         assert torch.equal(a, b)
 
 

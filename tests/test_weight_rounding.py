@@ -54,7 +54,8 @@ def test_product_scales_are_powers_of_two_near_the_peaks() -> None:
         dzT = torch.tensor([[0.0, -3 * peak / 4]])
         P = torch.full((1, 2, 3), 2 * peak)
         S = torch.full((2, 1, 3), -peak / 3)
-        PF, SF, scales = li._product_operands(li.W_FP16, dzI, dzT, P, S)
+        pmask, smask = torch.ones(1, 2, dtype=torch.uint8), torch.ones(2, 1, dtype=torch.uint8)
+        PF, SF, scales = li._product_operands(li.W_FP16, dzI, dzT, P, S, pmask, smask)
         w_scale = float(scales[0])
         assert math.log2(w_scale) == round(math.log2(w_scale))
         assert 0.5 <= (peak / 4 + 3 * peak / 4) * w_scale <= 1.0
@@ -65,5 +66,27 @@ def test_product_scales_are_powers_of_two_near_the_peaks() -> None:
         p_scale = 2.0 ** round(math.log2(float(PF.float().abs().max() / P.abs().max())))
         assert float(scales[1]) * w_scale * s_scale == 1.0
         assert float(scales[2]) * w_scale * p_scale == 1.0
-    _, _, scales = li._product_operands(li.W_FP16_SPLIT, torch.zeros(2, 2), torch.zeros(2, 2), P, S)
+    _, _, scales = li._product_operands(li.W_FP16_SPLIT, torch.zeros(2, 2), torch.zeros(2, 2), P, S, pmask, smask)
     assert scales.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_masked_rows_neither_set_the_scale_nor_overflow() -> None:
+    """A masked slot or patch may hold anything (the reference ignores it): it must not shrink the
+    valid rows' fp16 precision through the scale, nor become an fp16 infinity (0 x inf = NaN)."""
+    S = torch.randn(2, 3, 8) * 0.1
+    S[0, 2] = 1e9  # a masked slot's junk
+    smask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.uint8)
+    P = torch.randn(2, 4, 8) * 0.1
+    P[1, 3] = -3e38
+    pmask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.uint8)
+    PF, SF, _ = li._product_operands(li.W_FP16, torch.ones(2, 2), torch.ones(2, 2), P, S, pmask, smask)
+    assert torch.isfinite(PF).all() and torch.isfinite(SF).all()
+    assert SF[0, 2].abs().max() == 0 and PF[1, 3].abs().max() == 0
+    assert 0.5 <= float(SF.float().abs().max()) <= 1.0 and 0.5 <= float(PF.float().abs().max()) <= 1.0
+
+
+def test_pow2_scale_stays_finite() -> None:
+    """A subnormal or infinite peak gives a finite power of two (never inf x 0 = NaN in W)."""
+    for peak in (1e-45, 1e-40, float("inf"), 3e38):
+        scale = li._pow2_scale(torch.tensor(peak))
+        assert torch.isfinite(scale) and float(scale) > 0, peak

@@ -26,6 +26,7 @@ falls back from.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import sys
@@ -95,6 +96,22 @@ _cm = _kernels.cross_map
 # ----------------------------------------------------------------------------------------------
 # late_interaction
 # ----------------------------------------------------------------------------------------------
+def _on_device(x: Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' own (a no-op on CPU)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _dense(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Contiguous tensors (a no-op for the contiguous ones): the kernels index features with their
+    row strides only and everything else densely, so an op called directly with a strided view
+    gets a dense copy instead of a wrong result."""
+    return tuple(t.contiguous() for t in tensors)
+
+
+def _u8(*masks: Tensor) -> tuple[Tensor, ...]:
+    return tuple(m.contiguous().view(torch.uint8) for m in masks)
+
+
 def _winner_dtypes(n: int, M: int, save_slots: bool) -> tuple[torch.dtype, torch.dtype | None]:
     """Index dtypes of the winning patch (0..n-1) and, when saved, the winning slot (0..M, M: none)."""
     return index_dtype(n), index_dtype(M + 1) if save_slots else None
@@ -105,8 +122,9 @@ def _li_fwd(P: Tensor, S: Tensor, sent_mask: Tensor, patch_mask: Tensor, zero_sl
             save_slot_winners: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """zI, zT [Bi, Bt] fp32, the winning patch per (image, text, slot) [Bi, Bt, M] and the winning
     slot per (image, text, patch) [Bi, Bt, n] (an empty [0] tensor unless save_slot_winners)."""
-    return _li.late_interaction_forward(P, S, sent_mask.view(torch.uint8), patch_mask.view(torch.uint8),
-                                        zero_slot.view(torch.uint8), *_winner_dtypes(P.shape[1], S.shape[1], save_slot_winners))
+    with _on_device(P):
+        return _li.late_interaction_forward(*_dense(P, S), *_u8(sent_mask, patch_mask, zero_slot),
+                                            *_winner_dtypes(P.shape[1], S.shape[1], save_slot_winners))
 
 
 @_li_fwd.register_fake
@@ -127,8 +145,9 @@ def _li_fwd_fake(P, S, sent_mask, patch_mask, zero_slot, save_slot_winners):
 def _li_bwd(dzI: Tensor, dzT: Tensor, P: Tensor, S: Tensor, sent_mask: Tensor, patch_mask: Tensor, zero_slot: Tensor,
             win_patch: Tensor, win_slot: Tensor) -> tuple[Tensor, Tensor]:
     """dP [Bi, n, d], dS [Bt, M, d] in the features' dtype (win_slot empty: recomputed)."""
-    return _li.late_interaction_backward(dzI, dzT, P, S, sent_mask.view(torch.uint8), patch_mask.view(torch.uint8),
-                                         zero_slot.view(torch.uint8), win_patch, win_slot)
+    with _on_device(P):
+        return _li.late_interaction_backward(*_dense(dzI, dzT, P, S), *_u8(sent_mask, patch_mask, zero_slot),
+                                             *_dense(win_patch, win_slot))
 
 
 @_li_bwd.register_fake
@@ -196,8 +215,10 @@ _CM_INPUTS = "Tensor P, Tensor S, Tensor sent_mask, Tensor GS, Tensor use_gaze, 
 def _cm_fwd(P: Tensor, S: Tensor, sent_mask: Tensor, GS: Tensor, use_gaze: Tensor, theta: Tensor, alpha: Tensor,
             *options) -> tuple[Tensor, Tensor, Tensor]:
     """terms [B, 4] fp32 (mlce_s2p, mlce_p2s, egm_image, egm_text), A0 [B, n, M] fp32, lse_col [B, n] fp32."""
-    return _cm.cross_map_forward(P, S, sent_mask.view(torch.uint8), GS, use_gaze.view(torch.uint8), theta, alpha,
-                                 CrossMapParams.from_op_args(*options))
+    sent_mask, use_gaze = _u8(sent_mask, use_gaze)
+    with _on_device(P):
+        return _cm.cross_map_forward(*_dense(P, S), sent_mask, *_dense(GS), use_gaze, *_dense(theta, alpha),
+                                     CrossMapParams.from_op_args(*options))
 
 
 @_cm_fwd.register_fake
@@ -213,8 +234,10 @@ def _cm_fwd_fake(P, S, sent_mask, GS, use_gaze, theta, alpha, *options):
 def _cm_bwd(gterms: Tensor, P: Tensor, S: Tensor, sent_mask: Tensor, GS: Tensor, use_gaze: Tensor, theta: Tensor,
             alpha: Tensor, a0: Tensor, lse_col: Tensor, *options) -> tuple[Tensor, Tensor, Tensor]:
     """dP, dS in the features' dtype and dalpha per instance [B] fp32."""
-    return _cm.cross_map_backward(gterms, P, S, sent_mask.view(torch.uint8), GS, use_gaze.view(torch.uint8), theta,
-                                  alpha, a0, lse_col, CrossMapParams.from_op_args(*options))
+    sent_mask, use_gaze = _u8(sent_mask, use_gaze)
+    with _on_device(P):
+        return _cm.cross_map_backward(*_dense(gterms, P, S), sent_mask, *_dense(GS), use_gaze,
+                                      *_dense(theta, alpha, a0, lse_col), CrossMapParams.from_op_args(*options))
 
 
 @_cm_bwd.register_fake
