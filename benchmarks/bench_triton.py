@@ -21,7 +21,6 @@ EGMA_BENCH_N="49" restrict the grid; EGMA_BENCH_PRESET=official switches the los
 """
 from __future__ import annotations
 
-import gc
 import math
 import os
 import statistics
@@ -104,9 +103,7 @@ def model_flops(target: str, B: int, n: int) -> dict[str, float]:
     return {"fwd": fwd, "bwd": 2 * fwd, "fwd_bwd": 3 * fwd}
 
 
-def _free() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
+_free = providers.free
 
 
 def _measure(benchmark, record, forward: Callable[[], torch.Tensor], params: tuple, info: dict, flops: dict) -> None:

@@ -18,6 +18,7 @@ express a case (a mask that is not a prefix, pad_as_zero) ``unsupported`` says w
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import statistics
@@ -60,6 +61,12 @@ def cuda_ms(fn: Callable[[], object]) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end)
+
+
+def free() -> None:
+    """Return cached device memory between cases (so each case's peak is its own)."""
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 _DENSE: dict[str, float] = {}

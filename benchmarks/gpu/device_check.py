@@ -18,7 +18,6 @@ work: 3U per forward + backward with U = 2 B^2 n M d.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -61,9 +60,7 @@ cuda_ms = providers.cuda_ms
 dense_bf16_tflops = providers.dense_bf16_tflops
 
 
-def free() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
+free = providers.free
 
 
 def copy_gbps() -> float:

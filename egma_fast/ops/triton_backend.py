@@ -40,6 +40,7 @@ from egma_fast.ops.arguments import (
     CrossMapParams,
     CrossMapTerms,
     check_cross_map_meta,
+    check_late_interaction_meta,
     index_dtype,
     text_zero_slots,
 )
@@ -129,12 +130,7 @@ def _li_fwd(P: Tensor, S: Tensor, sent_mask: Tensor, patch_mask: Tensor, zero_sl
 
 @_li_fwd.register_fake
 def _li_fwd_fake(P, S, sent_mask, patch_mask, zero_slot, save_slot_winners):
-    Bi, n, d = P.shape
-    Bt, M, d_s = S.shape
-    torch._check(d_s == d, lambda: f"P {tuple(P.shape)} and S {tuple(S.shape)} must share d")
-    torch._check(tuple(sent_mask.shape) == (Bt, M), lambda: f"sent_mask must be [{Bt}, {M}]")
-    torch._check(tuple(patch_mask.shape) == (Bi, n), lambda: f"patch_mask must be [{Bi}, {n}]")
-    torch._check(tuple(zero_slot.shape) == (Bt,), lambda: f"zero_slot must be [{Bt}]")
+    Bi, Bt, n, M = check_late_interaction_meta(P, S, sent_mask, patch_mask, zero_slot)
     patch_index, slot_index = _winner_dtypes(n, M, save_slot_winners)
     win_i = P.new_empty((Bi, Bt, n) if save_slot_winners else (0,), dtype=slot_index or torch.uint8)
     return (P.new_empty(Bi, Bt, dtype=torch.float32), P.new_empty(Bi, Bt, dtype=torch.float32),
@@ -152,7 +148,7 @@ def _li_bwd(dzI: Tensor, dzT: Tensor, P: Tensor, S: Tensor, sent_mask: Tensor, p
 
 @_li_bwd.register_fake
 def _li_bwd_fake(dzI, dzT, P, S, sent_mask, patch_mask, zero_slot, win_patch, win_slot):
-    Bi, Bt = P.shape[0], S.shape[0]
+    Bi, Bt, _, _ = check_late_interaction_meta(P, S, sent_mask, patch_mask, zero_slot)
     torch._check(tuple(dzI.shape) == (Bi, Bt) and tuple(dzT.shape) == (Bi, Bt),
                  lambda: f"dzI and dzT must be [{Bi}, {Bt}]")
     return torch.empty_like(P), torch.empty_like(S)
